@@ -21,6 +21,14 @@ import jax
 
 _LIB_DIR = Path(__file__).resolve().parent.parent / "_lib"
 
+# Data dtypes each backend's kernels implement (others fall back to the next backend or the
+# reference): CUDA and Metal have no float64.
+BACKEND_DTYPES: Dict[str, Tuple[str, ...]] = {
+    "cpu": ("float16", "bfloat16", "float32", "float64"),
+    "cuda": ("float16", "bfloat16", "float32"),
+    "metal": ("float16", "float32"),
+}
+
 # backend -> (library stem, XLA platform its targets are registered for, target-name suffix)
 BACKENDS: Dict[str, Tuple[str, str, str]] = {
     "cpu": ("jaxmps_cpu", "cpu", ""),
@@ -130,20 +138,22 @@ def backends() -> Dict[str, Backend]:
     return _BACKENDS
 
 
-def native_target(target: str, platform: str) -> Optional[str]:
-    """The registered FFI target implementing `target` on `platform` ("cpu", "cuda"), or None.
+def _serves(name: str, target: str, dtype: str) -> bool:
+    backend = backends()[name]
+    return backend.available and target in backend.targets and dtype in BACKEND_DTYPES[name]
+
+
+def native_target(target: str, platform: str, dtype: str) -> Optional[str]:
+    """The registered FFI target implementing `target` on `platform` ("cpu", "cuda") for data
+    of `dtype`, or None.
 
     On the cpu platform the Metal library wins when it is loaded and ``JAXMPS_METAL`` is not
     "0" (macOS with a Metal device); otherwise the C++ CPU kernels serve.
     """
-    found = backends()
     if platform == "cpu":
-        metal = found["metal"]
-        if metal.available and target in metal.targets and os.environ.get("JAXMPS_METAL") != "0":
+        if os.environ.get("JAXMPS_METAL") != "0" and _serves("metal", target, dtype):
             return target + BACKENDS["metal"][2]
-        cpu = found["cpu"]
-        return target if cpu.available and target in cpu.targets else None
+        return target if _serves("cpu", target, dtype) else None
     if platform == "cuda":
-        cuda = found["cuda"]
-        return target if cuda.available and target in cuda.targets else None
+        return target if _serves("cuda", target, dtype) else None
     return None

@@ -79,19 +79,25 @@ class Kernel:
         params = {k: v for k, v in params.items() if k != "implementation"}
         return tuple(self.reference(*args, **params))
 
-    def native_target(self, platform: Optional[str]) -> Optional[str]:
-        return ffi.native_target(self.target, platform) if platform else None
+    def native_target(self, platform: Optional[str], dtype) -> Optional[str]:
+        """The FFI target serving this kernel on `platform` for data (first operand) of
+        `dtype`, or None."""
+        if not platform:
+            return None
+        return ffi.native_target(self.target, platform, np.dtype(dtype).name)
 
     def _lower(self, ctx, *args, platform: Optional[str], implementation: str, **params):
-        target = self.native_target(platform) if implementation != "reference" else None
+        dtype = ctx.avals_in[0].dtype
+        target = (self.native_target(platform, dtype) if implementation != "reference"
+                  else None)
         if target is not None:
             return jax.ffi.ffi_lowering(target)(ctx, *args, **ffi_attributes(params))
         if implementation == "native":
             where = platform or "this platform"
             raise NotImplementedError(
                 f"jaxmps.{self.name}: implementation='native' but no native kernel is available"
-                f" on {where} (backends: {describe_backends()}); use implementation=None or "
-                "'reference'")
+                f" on {where} for {np.dtype(dtype).name} data (backends: {describe_backends()});"
+                " use implementation=None or 'reference'")
         reference = functools.partial(self.call_reference, **params)
         return mlir.lower_fun(reference, multiple_results=True)(ctx, *args)
 

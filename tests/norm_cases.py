@@ -1,0 +1,50 @@
+"""The normalization kernels with valid inputs, for tests that run every kernel generically."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxmps._src import norm_kernels as k
+from jaxmps._src.reference.norm import acc_dtype
+
+WINDOW_OPS = ("spatial_norm", "local_contrast_norm", "cross_channel_norm")
+ALL_OPS = ("instance_norm", "batch_norm") + WINDOW_OPS
+
+
+def settings(op: str, window=(3, 3)):
+    """Attributes of an op's kernels (non-default values so that every parameter matters)."""
+    kh, kw = window
+    if op == "spatial_norm":
+        return dict(kernel_h=kh, kernel_w=kw, alpha=0.7, beta=0.75, delta=1.5)
+    if op == "local_contrast_norm":
+        return dict(kernel_h=kh, kernel_w=kw, alpha=0.9, beta=0.6, delta=0.25, p0=0.8,
+                    pm=0.1, ps=1.3)
+    if op == "cross_channel_norm":
+        return dict(kernel_size=kh, alpha=0.8, beta=0.75, delta=1.25)
+    return dict(epsilon=1e-3)
+
+
+def kernel_calls(op: str, x, channels_last: bool, window=(3, 3), seed=0):
+    """[(kernel, args, params)] for the forward and gradient kernels of `op` on image x."""
+    c = x.shape[3] if channels_last else x.shape[1]
+    keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+    pdt = acc_dtype(x.dtype)
+    dy = jax.random.normal(keys[0], x.shape, jnp.float32).astype(x.dtype)
+    params = dict(settings(op, window), channels_last=channels_last)
+    if op in WINDOW_OPS:
+        fwd, grad = getattr(k, f"{op}_forward"), getattr(k, f"{op}_gradient")
+        return [(fwd, (x,), params), (grad, (dy, x), params)]
+    gamma = 1.0 + 0.5 * jax.random.normal(keys[1], (c,), pdt)
+    beta = 0.5 * jax.random.normal(keys[2], (c,), pdt)
+    if op == "instance_norm":
+        _, mean, rstd = k.instance_norm_forward.call_reference(x, gamma, beta, **params)
+        return [(k.instance_norm_forward, (x, gamma, beta), params),
+                (k.instance_norm_gradient, (dy, x, gamma, mean, rstd),
+                 dict(channels_last=channels_last))]
+    _, mean, var = k.batch_norm_forward.call_reference(x, gamma, beta, **params)
+    dmean = jax.random.normal(keys[3], (c,), pdt)
+    dvar = jax.random.normal(keys[4], (c,), pdt)
+    return [(k.batch_norm_forward, (x, gamma, beta), params),
+            (k.batch_norm_gradient, (dy, x, gamma, mean, var, dmean, dvar), params),
+            (k.batch_norm_inference, (x, gamma, beta, mean, var + 0.5), params)]

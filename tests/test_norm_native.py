@@ -1,0 +1,129 @@
+"""Native kernels against the jnp reference: every normalization kernel (forward, gradient,
+inference) x dtype x layout over a grid of shapes and windows; and proof from the lowered HLO
+that the native path really calls our custom call."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmps
+from conftest import FFI_PLATFORM, assert_close, require_native
+from jaxmps._src import norm_kernels as k
+from norm_cases import ALL_OPS, WINDOW_OPS, kernel_calls
+
+DTYPES = ["float32", "float64", "float16", "bfloat16"]
+# (N, H, W, C): N = 1, C = 1, C not a multiple of 4, 1x1 images, odd sizes.
+SHAPES = [(2, 5, 7, 6), (1, 4, 3, 1), (1, 1, 1, 5), (3, 6, 6, 9)]
+WINDOWS = [(1, 1), (2, 2), (3, 3), (2, 5), (4, 3), (8, 9)]
+
+
+def _image(shape, dtype, channels_last, seed=0):
+    x = jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32) * 1.5 + 0.25
+    x = x.astype(dtype)
+    return x if channels_last else jnp.transpose(x, (0, 3, 1, 2))
+
+
+def _compare(op, x, channels_last, window, dtype, scale=1.0):
+    for kernel, args, params in kernel_calls(op, x, channels_last, window):
+        require_native(kernel, dtype)
+        got = kernel.bind(*args, **params, implementation="native")
+        expected = kernel.call_reference(*args, **params)
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert g.shape == e.shape and g.dtype == e.dtype, (kernel.name, i)
+            assert_close(g, e, dtype, scale, err_msg=f"{kernel.name} output {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_native_matches_reference(request, op, shape, channels_last, dtype):
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    x = _image(shape, dtype, channels_last)
+    _compare(op, x, channels_last, (3, 2), dtype, scale=2.0 if dtype == "float32" else 1.0)
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("window", WINDOWS, ids=lambda w: f"{w[0]}x{w[1]}")
+@pytest.mark.parametrize("op", WINDOW_OPS)
+def test_window_grid(x64, op, window, channels_last):
+    """Odd, even, rectangular and larger-than-image windows, in float64 for a tight check."""
+    x = _image((2, 6, 7, 5), "float64", channels_last, seed=3)
+    _compare(op, x, channels_last, window, "float64")
+
+
+def test_large_image_float32_accuracy():
+    """Running window sums must not drift on a large image (O(1) sums, float32 data)."""
+    x = _image((1, 384, 384, 2), "float32", True, seed=4) + 3.0
+    for op in ("spatial_norm", "local_contrast_norm"):
+        _compare(op, x, True, (7, 7), "float32", scale=5.0)
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_nan_and_inf_propagate(op):
+    x = np.array(_image((1, 4, 4, 3), "float32", True))
+    x[0, 1, 2, 1] = np.nan
+    x[0, 3, 3, 0] = np.inf
+    for kernel, args, params in kernel_calls(op, jnp.asarray(x), True):
+        require_native(kernel)
+        got = kernel.bind(*args, **params, implementation="native")
+        expected = kernel.call_reference(*args, **params)
+        for g, e in zip(got, expected):
+            np.testing.assert_array_equal(np.isnan(g), np.isnan(e))
+            finite = np.isfinite(e)
+            np.testing.assert_allclose(np.asarray(g)[finite], np.asarray(e)[finite],
+                                       rtol=1e-4, atol=1e-4)
+
+
+PUBLIC_OPS = {
+    "instance_norm": (lambda x, impl: jaxmps.instance_norm(x, implementation=impl),
+                      ["instance_norm_forward", "instance_norm_gradient"]),
+    "batch_norm": (lambda x, impl: jaxmps.batch_norm(x, implementation=impl)[0],
+                   ["batch_norm_forward", "batch_norm_gradient"]),
+    "spatial_norm": (lambda x, impl: jaxmps.spatial_norm(x, 3, implementation=impl),
+                     ["spatial_norm_forward", "spatial_norm_gradient"]),
+    "local_contrast_norm": (lambda x, impl: jaxmps.local_contrast_norm(
+        x, 3, implementation=impl), ["local_contrast_norm_forward",
+                                     "local_contrast_norm_gradient"]),
+    "cross_channel_norm": (lambda x, impl: jaxmps.cross_channel_norm(
+        x, implementation=impl), ["cross_channel_norm_forward",
+                                  "cross_channel_norm_gradient"]),
+}
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_hlo_contains_native_custom_call(op):
+    fn, targets = PUBLIC_OPS[op]
+    require_native(getattr(k, targets[0]))
+    x = _image((2, 4, 4, 3), "float32", True)
+
+    def loss(impl):
+        return lambda v: jnp.sum(fn(v, impl) ** 2)
+
+    native = jax.jit(jax.grad(loss("native"))).lower(x).as_text()
+    auto = jax.jit(jax.grad(loss(None))).lower(x).as_text()
+    reference = jax.jit(jax.grad(loss("reference"))).lower(x).as_text()
+    for target in targets:
+        assert f'@jaxmps_{target}' in native or f'"jaxmps_{target}' in native, target
+        assert f"jaxmps_{target}" in auto, target
+        assert "jaxmps_" + target not in reference.replace(f"jaxmps_{target}_", "")
+    assert "custom_call" not in reference
+
+
+def test_batch_norm_inference_hlo():
+    require_native(k.batch_norm_inference)
+    x = _image((2, 4, 4, 3), "float32", True)
+    ones = jnp.ones(3)
+    text = jax.jit(lambda v: jaxmps.batch_norm_inference(v, ones, ones * 0, ones * 0, ones)
+                   ).lower(x).as_text()
+    assert "jaxmps_batch_norm_inference" in text
+
+
+def test_native_platform_is_reported():
+    assert FFI_PLATFORM in ("cpu", "cuda")
+    backend = jaxmps.backends()["cuda" if FFI_PLATFORM == "cuda" else "cpu"]
+    assert backend.available, backend.error
