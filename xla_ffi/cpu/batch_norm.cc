@@ -24,14 +24,21 @@ const P* Data(const ffi::AnyBuffer& b) {
   return reinterpret_cast<const P*>(b.untyped_data());
 }
 
+// Repeats a per-channel coefficient vector for every image (AffineMap takes per-(n, c) ones).
+template <typename Acc>
+std::vector<Acc> PerImage(const std::vector<Acc>& per_channel, int64_t n) {
+  std::vector<Acc> out;
+  out.reserve(n * per_channel.size());
+  for (int64_t i = 0; i < n; ++i) out.insert(out.end(), per_channel.begin(), per_channel.end());
+  return out;
+}
+
 // y = x * scale[c] + shift[c] for every element (the normalisation applied with statistics).
 template <typename T, typename Acc>
 void ApplyAffine(ffi::ThreadPool& pool, const ImageShape& s, const T* x, T* y,
                  const std::vector<Acc>& scale, const std::vector<Acc>& shift) {
-  ForEachChannelBlock(pool, s, [&](int64_t n, int64_t c0, int64_t c1) {
-    SweepBlock(s, n, c0, c1,
-               [&](int64_t i, int64_t c) { Store(y + i, Load(x[i]) * scale[c] + shift[c]); });
-  });
+  const std::vector<Acc> a = PerImage(scale, s.n), b = PerImage(shift, s.n);
+  AffineMap(pool, s, x, static_cast<const T*>(nullptr), y, b.data(), a.data(), b.data());
 }
 
 // scale = gamma / sqrt(var + eps), shift = beta - mean * scale, in double then rounded once.
@@ -63,22 +70,24 @@ ffi::Error Forward(ffi::ThreadPool pool, double epsilon, int64_t channels_last,
     using T = typename Ty::T;
     using P = typename Ty::Param;
     const T* xs = reinterpret_cast<const T*>(x.untyped_data());
-    const double inv_m = 1.0 / double(s.n * s.pixels());
+    const double m_img = double(s.pixels()), inv_m = 1.0 / (double(s.n) * m_img);
 
-    std::vector<double> partial;
-    SumPerImageChannel(
-        pool, s, [&](int64_t i, int64_t, int64_t) { return double(Load(xs[i])); }, partial);
-    std::vector<double> mu = SumOverImages(partial, s.n, s.c);
+    // Shifted per-image moments, combined exactly (in double) into per-channel statistics.
+    std::vector<typename Ty::Acc> pivot;
+    std::vector<double> sum_u, sum_uu;
+    ShiftedMoments(pool, s, xs, pivot, sum_u, sum_uu);
+    std::vector<double> mu(s.c, 0.0), var(s.c, 0.0);
+    for (int64_t n = 0; n < s.n; ++n)
+      for (int64_t c = 0; c < s.c; ++c)
+        mu[c] += double(pivot[n * s.c + c]) * m_img + sum_u[n * s.c + c];
     for (double& v : mu) v *= inv_m;
-    SumPerImageChannel(
-        pool, s,
-        [&](int64_t i, int64_t, int64_t c) {
-          const double d = double(Load(xs[i])) - mu[c];
-          return d * d;
-        },
-        partial);
-    std::vector<double> var = SumOverImages(partial, s.n, s.c);
-    for (double& v : var) v *= inv_m;
+    for (int64_t n = 0; n < s.n; ++n)
+      for (int64_t c = 0; c < s.c; ++c) {
+        const int64_t k = n * s.c + c;
+        const double d = double(pivot[k]) - mu[c];  // sum (u + d)^2 over the image
+        var[c] += sum_uu[k] + 2.0 * d * sum_u[k] + m_img * d * d;
+      }
+    for (double& v : var) v = std::max(v * inv_m, 0.0);
 
     std::vector<typename Ty::Acc> scale, shift;
     AffineFromStatistics(s.c, Data<P>(gamma), Data<P>(beta), mu.data(), var.data(), epsilon,
@@ -155,15 +164,13 @@ ffi::Error Gradient(ffi::ThreadPool pool, double epsilon, int64_t channels_last,
       mean_acc[c] = Acc(mu[c]);
     }
     std::vector<double> part_g, part_gx;
-    SumPairPerImageChannel(
-        pool, s,
-        [&](int64_t i, int64_t, int64_t c) {
-          const Acc gv = Load(gs[i]);
-          return std::pair<double, double>(gv, gv * (Load(xs[i]) - mean_acc[c]) * rstd[c]);
-        },
-        part_g, part_gx);
+    const std::vector<Acc> center = PerImage(mean_acc, s.n);
+    SumPairs(pool, s, xs, gs, center.data(),
+             [](Acc xv, Acc gv, Acc m) { return std::pair<Acc, Acc>(gv, gv * (xv - m)); },
+             part_g, part_gx);
     const std::vector<double> sum_g = SumOverImages(part_g, s.n, s.c);
-    const std::vector<double> sum_gx = SumOverImages(part_gx, s.n, s.c);
+    std::vector<double> sum_gx = SumOverImages(part_gx, s.n, s.c);
+    for (int64_t c = 0; c < s.c; ++c) sum_gx[c] *= double(rstd[c]);  // sum g * xhat
     const double inv_m = 1.0 / double(s.n * s.pixels());
     std::vector<Acc> a(s.c), b(s.c), cc(s.c);
     for (int64_t c = 0; c < s.c; ++c) {
@@ -174,12 +181,9 @@ ffi::Error Gradient(ffi::ThreadPool pool, double epsilon, int64_t channels_last,
       b[c] = Acc(B);
       cc[c] = Acc(-A * sum_g[c] * inv_m + double(Data<P>(dmean)[c]) * inv_m - B * m);
     }
-    T* dxs = reinterpret_cast<T*>(dx->untyped_data());
-    ForEachChannelBlock(pool, s, [&](int64_t n, int64_t c0, int64_t c1) {
-      SweepBlock(s, n, c0, c1, [&](int64_t i, int64_t c) {
-        Store(dxs + i, a[c] * Load(gs[i]) + b[c] * Load(xs[i]) + cc[c]);
-      });
-    });
+    const std::vector<Acc> an = PerImage(a, s.n), bn = PerImage(b, s.n), cn = PerImage(cc, s.n);
+    AffineMap(pool, s, xs, gs, reinterpret_cast<T*>(dx->untyped_data()), an.data(), bn.data(),
+              cn.data());
     P* dg = reinterpret_cast<P*>(dgamma->untyped_data());
     P* db = reinterpret_cast<P*>(dbeta->untyped_data());
     for (int64_t c = 0; c < s.c; ++c) {

@@ -1,9 +1,10 @@
-// Channel-blocked sweeps over an NHWC or NCHW image for the per-channel statistics kernels
-// (instance and batch norm): work units of (image, block of channels), contiguous inner loops.
+// Per-(image, channel) reductions and affine maps over an NHWC or NCHW image, shared by the
+// instance and batch norm kernels: vectorisable row loops, deterministic partial sums.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "cpu_types.h"
@@ -11,64 +12,132 @@
 
 namespace jaxmps::cpu {
 
-// NHWC blocks 16 channels (one 64-byte line of float32 per pixel); NCHW blocks single planes.
-inline int64_t ChannelBlock(const ImageShape& s) { return s.channels_last ? 16 : 1; }
+// Pixels per work unit. Partial sums are accumulated in the data's accumulation type over one
+// chunk (short enough to keep float32 sums accurate) and in double across chunks; the chunking
+// depends only on the shape, so results are bitwise identical for any thread count.
+constexpr int64_t kPixelChunk = 128;
 
-// Calls unit(n, c0, c1) for every (image, channel block), in parallel on XLA's pool.
-template <typename F>
-void ForEachChannelBlock(ffi::ThreadPool& pool, const ImageShape& s, F&& unit) {
-  const int64_t block = ChannelBlock(s);
-  const int64_t blocks = (s.c + block - 1) / block;
-  ParallelFor(pool, s.n * blocks, [&](int64_t i) {
-    const int64_t n = i / blocks, c0 = (i % blocks) * block;
-    unit(n, c0, std::min(s.c, c0 + block));
-  });
-}
+template <typename T>
+using AccOf = decltype(Load(std::declval<T>()));
 
-// Visits every element of image n, channels [c0, c1), in memory order: f(flat_index, c).
-template <typename F>
-inline void SweepBlock(const ImageShape& s, int64_t n, int64_t c0, int64_t c1, F&& f) {
-  const int64_t base = n * s.sn, pixels = s.pixels();
-  if (s.channels_last) {
-    for (int64_t p = 0; p < pixels; ++p) {
-      const int64_t row = base + p * s.c;
-      for (int64_t c = c0; c < c1; ++c) f(row + c, c);
+// Work units: NHWC (image, chunk of pixels, all channels); NCHW (image, channel, chunk).
+struct Units {
+  int64_t chunks_per_plane, count;
+  explicit Units(const ImageShape& s)
+      : chunks_per_plane((s.pixels() + kPixelChunk - 1) / kPixelChunk),
+        count(s.n * chunks_per_plane * (s.channels_last ? 1 : s.c)) {}
+};
+
+// For every (n, c): first[n*C+c] = sum_p u, second[n*C+c] = sum_p v where
+// (u, v) = pair(a[i], b[i], center[n*C+c]) over the pixels p of image n, channel c.
+// `b` may be null (pair then gets 0 for it). Used for moments (u = x - pivot, v = u^2) and for
+// gradient sums (u = g, v = g * (x - mean)).
+template <typename T, typename Pair>
+void SumPairs(ffi::ThreadPool& pool, const ImageShape& s, const T* __restrict__ a,
+              const T* __restrict__ b, const AccOf<T>* __restrict__ center, Pair pair,
+              std::vector<double>& first, std::vector<double>& second) {
+  using Acc = AccOf<T>;
+  const Units units(s);
+  const int64_t pixels = s.pixels(), c = s.c;
+  // One slot per unit: NHWC units hold C partial pairs, NCHW units one pair.
+  const int64_t slot = s.channels_last ? c : 1;
+  std::vector<double> part1(units.count * slot), part2(units.count * slot);
+  ParallelFor(pool, units.count, [&](int64_t unit) {
+    const int64_t chunk = unit % units.chunks_per_plane;
+    const int64_t p0 = chunk * kPixelChunk, p1 = std::min(pixels, p0 + kPixelChunk);
+    double* out1 = part1.data() + unit * slot;
+    double* out2 = part2.data() + unit * slot;
+    if (s.channels_last) {
+      const int64_t n = unit / units.chunks_per_plane;
+      const Acc* ctr = center + n * c;
+      std::vector<Acc> s1(c, Acc(0)), s2(c, Acc(0));
+      Acc* __restrict__ r1 = s1.data();
+      Acc* __restrict__ r2 = s2.data();
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t row = n * s.sn + p * c;
+        for (int64_t j = 0; j < c; ++j) {
+          auto [u, v] = pair(Load(a[row + j]), b ? Load(b[row + j]) : Acc(0), ctr[j]);
+          r1[j] += u;
+          r2[j] += v;
+        }
+      }
+      for (int64_t j = 0; j < c; ++j) out1[j] = r1[j], out2[j] = r2[j];
+    } else {
+      const int64_t plane = unit / units.chunks_per_plane;  // = n * C + c
+      const int64_t base = plane * pixels;
+      const Acc ctr = center[plane];
+      // Eight independent lanes let the compiler vectorise the sum without -ffast-math.
+      Acc l1[8] = {}, l2[8] = {};
+      int64_t p = p0;
+      for (; p + 8 <= p1; p += 8) {
+        for (int k = 0; k < 8; ++k) {
+          auto [u, v] = pair(Load(a[base + p + k]), b ? Load(b[base + p + k]) : Acc(0), ctr);
+          l1[k] += u;
+          l2[k] += v;
+        }
+      }
+      for (; p < p1; ++p) {
+        auto [u, v] = pair(Load(a[base + p]), b ? Load(b[base + p]) : Acc(0), ctr);
+        l1[0] += u;
+        l2[0] += v;
+      }
+      double t1 = 0, t2 = 0;
+      for (int k = 0; k < 8; ++k) t1 += l1[k], t2 += l2[k];
+      out1[0] = t1, out2[0] = t2;
     }
-  } else {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t plane = base + c * s.sc;
-      for (int64_t p = 0; p < pixels; ++p) f(plane + p, c);
+  });
+  // Combine the chunks of each (n, c) in a fixed order.
+  first.assign(s.n * c, 0.0);
+  second.assign(s.n * c, 0.0);
+  for (int64_t unit = 0; unit < units.count; ++unit) {
+    if (s.channels_last) {
+      const int64_t n = unit / units.chunks_per_plane;
+      for (int64_t j = 0; j < c; ++j) {
+        first[n * c + j] += part1[unit * c + j];
+        second[n * c + j] += part2[unit * c + j];
+      }
+    } else {
+      const int64_t plane = unit / units.chunks_per_plane;
+      first[plane] += part1[unit];
+      second[plane] += part2[unit];
     }
   }
 }
 
-// sums[k] (k = n*C + c) = sum over the pixels of image n of value(flat_index, k, c),
-// accumulated in double so that statistics of large images keep float32 accuracy.
-template <typename V>
-void SumPerImageChannel(ffi::ThreadPool& pool, const ImageShape& s, V&& value,
-                        std::vector<double>& sums) {
-  sums.assign(s.n * s.c, 0.0);
-  ForEachChannelBlock(pool, s, [&](int64_t n, int64_t c0, int64_t c1) {
-    double* out = sums.data() + n * s.c;
-    SweepBlock(s, n, c0, c1,
-               [&](int64_t i, int64_t c) { out[c] += value(i, n * s.c + c, c); });
-  });
-}
-
-// Two sums per (image, channel) in one sweep: value returns a pair (e.g. sum g and sum g*xhat for the gradients).
-template <typename V>
-void SumPairPerImageChannel(ffi::ThreadPool& pool, const ImageShape& s, V&& value,
-                            std::vector<double>& first, std::vector<double>& second) {
-  first.assign(s.n * s.c, 0.0);
-  second.assign(s.n * s.c, 0.0);
-  ForEachChannelBlock(pool, s, [&](int64_t n, int64_t c0, int64_t c1) {
-    double* a = first.data() + n * s.c;
-    double* b = second.data() + n * s.c;
-    SweepBlock(s, n, c0, c1, [&](int64_t i, int64_t c) {
-      auto [u, v] = value(i, n * s.c + c, c);
-      a[c] += u;
-      b[c] += v;
-    });
+// out[i] = ca[k] * g[i] + cb[k] * x[i] + cc[k] for every element, k = n*C + c; `g` may be null
+// (then out = cb * x + cc). One pass, vectorised along the contiguous axis.
+template <typename T>
+void AffineMap(ffi::ThreadPool& pool, const ImageShape& s, const T* __restrict__ x,
+               const T* __restrict__ g, T* __restrict__ out, const AccOf<T>* ca,
+               const AccOf<T>* cb, const AccOf<T>* cc) {
+  const Units units(s);
+  const int64_t pixels = s.pixels(), c = s.c;
+  ParallelFor(pool, units.count, [&](int64_t unit) {
+    const int64_t chunk = unit % units.chunks_per_plane;
+    const int64_t p0 = chunk * kPixelChunk, p1 = std::min(pixels, p0 + kPixelChunk);
+    if (s.channels_last) {
+      const int64_t n = unit / units.chunks_per_plane;
+      const auto *a = ca + n * c, *b = cb + n * c, *k = cc + n * c;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t row = n * s.sn + p * c;
+        if (g) {
+          for (int64_t j = 0; j < c; ++j)
+            Store(out + row + j, a[j] * Load(g[row + j]) + b[j] * Load(x[row + j]) + k[j]);
+        } else {
+          for (int64_t j = 0; j < c; ++j) Store(out + row + j, b[j] * Load(x[row + j]) + k[j]);
+        }
+      }
+    } else {
+      const int64_t plane = unit / units.chunks_per_plane;
+      const int64_t base = plane * pixels;
+      const auto a = ca[plane], b = cb[plane], k = cc[plane];
+      if (g) {
+        for (int64_t p = p0; p < p1; ++p)
+          Store(out + base + p, a * Load(g[base + p]) + b * Load(x[base + p]) + k);
+      } else {
+        for (int64_t p = p0; p < p1; ++p) Store(out + base + p, b * Load(x[base + p]) + k);
+      }
+    }
   });
 }
 
@@ -81,12 +150,28 @@ inline std::vector<double> SumOverImages(const std::vector<double>& per_nc, int6
   return out;
 }
 
-// out = f(flat_index, n*C + c) for every element, in parallel.
-template <typename F>
-void MapPerImageChannel(ffi::ThreadPool& pool, const ImageShape& s, F&& f) {
-  ForEachChannelBlock(pool, s, [&](int64_t n, int64_t c0, int64_t c1) {
-    SweepBlock(s, n, c0, c1, [&](int64_t i, int64_t c) { f(i, n * s.c + c); });
-  });
+// Per-(n, c) mean and biased variance over `groups` images at a time from shifted moments:
+// with u = x - pivot, mean = pivot + E[u], var = E[u^2] - E[u]^2 (the pivot, one sample of the
+// same (n, c), keeps the float32 sums free of cancellation when |mean| >> std).
+template <typename T>
+void ShiftedMoments(ffi::ThreadPool& pool, const ImageShape& s, const T* x,
+                    std::vector<AccOf<T>>& pivot, std::vector<double>& sum_u,
+                    std::vector<double>& sum_uu) {
+  using Acc = AccOf<T>;
+  pivot.resize(s.n * s.c);
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t c = 0; c < s.c; ++c) {
+      const Acc v = Load(x[n * s.sn + c * s.sc]);
+      // A non-finite pivot would poison every sum: fall back to 0 (NaN/Inf still propagate
+      // through the sums themselves).
+      pivot[n * s.c + c] = (v - v == Acc(0)) ? v : Acc(0);
+    }
+  SumPairs(pool, s, x, static_cast<const T*>(nullptr), pivot.data(),
+           [](Acc xv, Acc, Acc p) {
+             const Acc u = xv - p;
+             return std::pair<Acc, Acc>(u, u * u);
+           },
+           sum_u, sum_uu);
 }
 
 }  // namespace jaxmps::cpu

@@ -35,40 +35,35 @@ ffi::Error Forward(ffi::ThreadPool pool, double epsilon, int64_t channels_last,
     using Ty = Types<decltype(tag)>;
     using T = typename Ty::T;
     using P = typename Ty::Param;
+    using Acc = typename Ty::Acc;
     const T* xs = reinterpret_cast<const T*>(x.untyped_data());
     const P* g = reinterpret_cast<const P*>(gamma.untyped_data());
     const P* b = reinterpret_cast<const P*>(beta.untyped_data());
     const double inv_m = 1.0 / double(s.pixels());
 
-    std::vector<double> sum, dev;
-    SumPerImageChannel(
-        pool, s, [&](int64_t i, int64_t, int64_t) { return double(Load(xs[i])); }, sum);
-    for (double& v : sum) v *= inv_m;  // now the mean
-    SumPerImageChannel(
-        pool, s,
-        [&](int64_t i, int64_t k, int64_t) {
-          const double d = double(Load(xs[i])) - sum[k];
-          return d * d;
-        },
-        dev);
+    std::vector<Acc> pivot;
+    std::vector<double> sum_u, sum_uu;
+    ShiftedMoments(pool, s, xs, pivot, sum_u, sum_uu);
 
     P* mean_out = reinterpret_cast<P*>(mean->untyped_data());
     P* rstd_out = reinterpret_cast<P*>(rstd->untyped_data());
-    std::vector<typename Ty::Acc> scale(s.n * s.c), shift(s.n * s.c);
+    std::vector<Acc> zero(s.n * s.c, Acc(0)), scale(s.n * s.c), shift(s.n * s.c);
     for (int64_t n = 0; n < s.n; ++n) {
       for (int64_t c = 0; c < s.c; ++c) {
         const int64_t k = n * s.c + c;
-        const double r = 1.0 / std::sqrt(dev[k] * inv_m + epsilon);
-        mean_out[k] = P(sum[k]);
+        const double du = sum_u[k] * inv_m;
+        const double var = std::max(sum_uu[k] * inv_m - du * du, 0.0);
+        const double mu = double(pivot[k]) + du;
+        const double r = 1.0 / std::sqrt(var + epsilon);
+        mean_out[k] = P(mu);
         rstd_out[k] = P(r);
-        scale[k] = typename Ty::Acc(r * double(g[c]));
-        shift[k] = typename Ty::Acc(double(b[c]) - sum[k] * r * double(g[c]));
+        scale[k] = Acc(r * double(g[c]));
+        shift[k] = Acc(double(b[c]) - mu * r * double(g[c]));
       }
     }
-    T* ys = reinterpret_cast<T*>(y->untyped_data());
-    MapPerImageChannel(pool, s, [&](int64_t i, int64_t k) {
-      Store(ys + i, Load(xs[i]) * scale[k] + shift[k]);
-    });
+    AffineMap(pool, s, xs, static_cast<const T*>(nullptr),
+              reinterpret_cast<T*>(y->untyped_data()), zero.data(), scale.data(),
+              shift.data());
     return ffi::Error::Success();
   });
 }
@@ -97,15 +92,13 @@ ffi::Error Gradient(ffi::ThreadPool pool, int64_t channels_last, ffi::AnyBuffer 
     const P* mu = reinterpret_cast<const P*>(mean.untyped_data());
     const P* r = reinterpret_cast<const P*>(rstd.untyped_data());
 
+    // Sums of g and g * (x - mean) per (n, c); the latter times rstd is sum g * xhat.
+    std::vector<Acc> center(mu, mu + s.n * s.c);
     std::vector<double> sum_g, sum_gx;
-    SumPairPerImageChannel(
-        pool, s,
-        [&](int64_t i, int64_t k, int64_t) {
-          const Acc gv = Load(gs[i]);
-          const Acc xhat = (Load(xs[i]) - Acc(mu[k])) * Acc(r[k]);
-          return std::pair<double, double>(gv, gv * xhat);
-        },
-        sum_g, sum_gx);
+    SumPairs(pool, s, xs, gs, center.data(),
+             [](Acc xv, Acc gv, Acc m) { return std::pair<Acc, Acc>(gv, gv * (xv - m)); },
+             sum_g, sum_gx);
+    for (int64_t k = 0; k < s.n * s.c; ++k) sum_gx[k] *= double(r[k]);
     const double inv_m = 1.0 / double(s.pixels());
     std::vector<Acc> a(s.n * s.c), bcoef(s.n * s.c), ccoef(s.n * s.c);
     for (int64_t n = 0; n < s.n; ++n) {
@@ -120,10 +113,8 @@ ffi::Error Gradient(ffi::ThreadPool pool, int64_t channels_last, ffi::AnyBuffer 
         ccoef[k] = Acc(-A * sum_g[k] * inv_m - B * double(mu[k]));
       }
     }
-    T* dxs = reinterpret_cast<T*>(dx->untyped_data());
-    MapPerImageChannel(pool, s, [&](int64_t i, int64_t k) {
-      Store(dxs + i, a[k] * Load(gs[i]) + bcoef[k] * Load(xs[i]) + ccoef[k]);
-    });
+    AffineMap(pool, s, xs, gs, reinterpret_cast<T*>(dx->untyped_data()), a.data(),
+              bcoef.data(), ccoef.data());
     P* dg = reinterpret_cast<P*>(dgamma->untyped_data());
     P* db = reinterpret_cast<P*>(dbeta->untyped_data());
     auto tot_gx = SumOverImages(sum_gx, s.n, s.c), tot_g = SumOverImages(sum_g, s.n, s.c);

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m jaxmps.bench`` (see __main__.py)."""
