@@ -12,7 +12,7 @@ import pytest
 import jaxmps
 from conftest import FFI_PLATFORM, assert_close, require_native
 from jaxmps._src import norm_kernels as k
-from norm_cases import ALL_OPS, WINDOW_OPS, kernel_calls
+from jaxmps._src.samples import ALL_OPS, WINDOW_OPS, kernel_calls
 
 DTYPES = ["float32", "float64", "float16", "bfloat16"]
 # (N, H, W, C): N = 1, C = 1, C not a multiple of 4, 1x1 images, odd sizes.

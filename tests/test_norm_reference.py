@@ -12,7 +12,7 @@ from jax.test_util import check_grads
 import jaxmps
 import numpy_oracles as oracle
 from jaxmps._src.reference import norm as ref
-from norm_cases import ALL_OPS, kernel_calls, settings
+from jaxmps._src.samples import ALL_OPS, kernel_calls, settings
 
 WINDOWS = [(1, 1), (2, 3), (3, 3), (4, 4), (5, 2), (9, 7)]  # (9, 7) exceeds the 4x5 image
 

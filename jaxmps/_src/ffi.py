@@ -66,9 +66,22 @@ def runtime_ffi_api_version() -> Optional[Tuple[int, int]]:
     return int(major.group(1)), int(minor.group(1))
 
 
+def _installed_lib_dir() -> Optional[Path]:
+    """`_lib` of the pip-installed jaxmps, for when a source checkout shadows it (running
+    ``python -m jaxmps`` or the tests from the repository root after ``pip install .``)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+        return Path(distribution("jaxmps").locate_file("jaxmps/_lib"))
+    except (ImportError, PackageNotFoundError):
+        return None
+
+
 def _library_path(stem: str) -> Optional[Path]:
     search = [Path(p) for p in os.environ.get("JAXMPS_LIB_DIR", "").split(os.pathsep) if p]
     search.append(_LIB_DIR)
+    installed = _installed_lib_dir()
+    if installed is not None:
+        search.append(installed)
     for directory in search:
         for suffix in (".so", ".dylib"):
             candidate = directory / f"lib{stem}{suffix}"

@@ -1,12 +1,13 @@
-"""The normalization kernels with valid inputs, for tests that run every kernel generically."""
+"""Valid inputs for every normalization kernel: used by the self-check (`python -m jaxmps`) and by
+the tests that run each kernel generically."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from jaxmps._src import norm_kernels as k
-from jaxmps._src.reference.norm import acc_dtype
+from . import norm_kernels as k
+from .reference.norm import acc_dtype
 
 WINDOW_OPS = ("spatial_norm", "local_contrast_norm", "cross_channel_norm")
 ALL_OPS = ("instance_norm", "batch_norm") + WINDOW_OPS
