@@ -32,16 +32,18 @@ struct Units {
 // (u, v) = pair(a[i], b[i], center[n*C+c]) over the pixels p of image n, channel c.
 // `b` may be null (pair then gets 0 for it). Used for moments (u = x - pivot, v = u^2) and for
 // gradient sums (u = g, v = g * (x - mean)).
-template <typename T, typename Pair>
-void SumPairs(ffi::ThreadPool& pool, const ImageShape& s, const T* __restrict__ a,
-              const T* __restrict__ b, const AccOf<T>* __restrict__ center, Pair pair,
-              std::vector<double>& first, std::vector<double>& second) {
+template <bool kHasB, typename T, typename Pair>
+void SumPairsImpl(ffi::ThreadPool& pool, const ImageShape& s, const T* __restrict__ a,
+                  const T* __restrict__ b, const AccOf<T>* __restrict__ center, Pair pair,
+                  std::vector<double>& first, std::vector<double>& second) {
   using Acc = AccOf<T>;
   const Units units(s);
   const int64_t pixels = s.pixels(), c = s.c;
   // One slot per unit: NHWC units hold C partial pairs, NCHW units one pair.
   const int64_t slot = s.channels_last ? c : 1;
   std::vector<double> part1(units.count * slot), part2(units.count * slot);
+  // kHasB is a template parameter so the inner loops carry no branch and vectorise.
+  auto second_of = [&](int64_t i) { return kHasB ? Load(b[i]) : Acc(0); };
   ParallelFor(pool, units.count, [&](int64_t unit) {
     const int64_t chunk = unit % units.chunks_per_plane;
     const int64_t p0 = chunk * kPixelChunk, p1 = std::min(pixels, p0 + kPixelChunk);
@@ -56,7 +58,7 @@ void SumPairs(ffi::ThreadPool& pool, const ImageShape& s, const T* __restrict__ 
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t row = n * s.sn + p * c;
         for (int64_t j = 0; j < c; ++j) {
-          auto [u, v] = pair(Load(a[row + j]), b ? Load(b[row + j]) : Acc(0), ctr[j]);
+          auto [u, v] = pair(Load(a[row + j]), second_of(row + j), ctr[j]);
           r1[j] += u;
           r2[j] += v;
         }
@@ -71,13 +73,13 @@ void SumPairs(ffi::ThreadPool& pool, const ImageShape& s, const T* __restrict__ 
       int64_t p = p0;
       for (; p + 8 <= p1; p += 8) {
         for (int k = 0; k < 8; ++k) {
-          auto [u, v] = pair(Load(a[base + p + k]), b ? Load(b[base + p + k]) : Acc(0), ctr);
+          auto [u, v] = pair(Load(a[base + p + k]), second_of(base + p + k), ctr);
           l1[k] += u;
           l2[k] += v;
         }
       }
       for (; p < p1; ++p) {
-        auto [u, v] = pair(Load(a[base + p]), b ? Load(b[base + p]) : Acc(0), ctr);
+        auto [u, v] = pair(Load(a[base + p]), second_of(base + p), ctr);
         l1[0] += u;
         l2[0] += v;
       }
@@ -101,6 +103,17 @@ void SumPairs(ffi::ThreadPool& pool, const ImageShape& s, const T* __restrict__ 
       first[plane] += part1[unit];
       second[plane] += part2[unit];
     }
+  }
+}
+
+template <typename T, typename Pair>
+void SumPairs(ffi::ThreadPool& pool, const ImageShape& s, const T* a, const T* b,
+              const AccOf<T>* center, Pair pair, std::vector<double>& first,
+              std::vector<double>& second) {
+  if (b) {
+    SumPairsImpl<true>(pool, s, a, b, center, pair, first, second);
+  } else {
+    SumPairsImpl<false>(pool, s, a, b, center, pair, first, second);
   }
 }
 
