@@ -26,7 +26,7 @@ _LIB_DIR = Path(__file__).resolve().parent.parent / "_lib"
 BACKEND_DTYPES: Dict[str, Tuple[str, ...]] = {
     "cpu": ("float16", "bfloat16", "float32", "float64"),
     "cuda": ("float16", "bfloat16", "float32"),
-    "metal": ("float16", "float32"),
+    "metal": ("float16", "bfloat16", "float32"),
 }
 
 # backend -> (library stem, XLA platform its targets are registered for, target-name suffix)
@@ -109,6 +109,14 @@ def load_backend(name: str, runtime_version=None) -> Backend:
     backend.api_version = (major.value, minor.value)
     lib.jaxmps_build_info.restype = ctypes.c_char_p
     backend.build_info = lib.jaxmps_build_info().decode()
+    if name == "metal":
+        # The Metal library loads on any Mac; it reports here when there is no Metal device or
+        # its metallib is missing, and the C++ CPU kernels then serve instead.
+        lib.jaxmps_metal_error.restype = ctypes.c_char_p
+        problem = (lib.jaxmps_metal_error() or b"").decode()
+        if problem:
+            backend.error = problem
+            return backend
     runtime = runtime_ffi_api_version() if runtime_version is None else runtime_version
     if runtime is not None and backend.api_version > runtime:
         backend.error = (
