@@ -3,7 +3,8 @@
 Each library's module owns its parameters and state in that library's own way; the maths that
 is the same for all of them lives here once: data-format names, training/inference batch norm
 (with statistics averaged across a named mapped axis), the momentum update of running
-statistics, and the fully connected layer on a (in_features, out_features) kernel.
+statistics, the parameter-free window norms, lax-style padding turned into the explicit pads of
+jaxmps's convolutions, and the fully connected layer on an (in_features, out_features) kernel.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ _FORMAT_ALIASES = {"NHWC": "NHWC", "NCHW": "NCHW",
                    "channels_last": "NHWC", "channels_first": "NCHW"}
 
 
-def data_format(layer: str, value: str) -> str:
+def canonical_format(layer: str, value: str) -> str:
     """Canonical "NHWC" / "NCHW" for a layer's `data_format` argument."""
     if value not in _FORMAT_ALIASES:
         checks.fail(layer, "data_format must be 'NHWC' or 'NCHW' (or 'channels_last' / "
@@ -68,6 +69,7 @@ def batch_norm_training(x, scale, bias, *, epsilon: float, data_format: str,
                                      implementation=implementation)
     if axis_name is None:
         return y, mean, variance
+    # The per-shard y above is discarded (the kernel makes it with the statistics anyway).
     mean_and_square = jnp.stack([mean, variance + jnp.square(mean)])
     mean, mean_square = lax.pmean(mean_and_square, axis_name,
                                   axis_index_groups=axis_index_groups)
@@ -104,8 +106,128 @@ def flatten_features(layer: str, x) -> jax.Array:
     return x.reshape(x.shape[0], -1)
 
 
-def kernel_size_pair(layer: str, kernel_size) -> Tuple[int, int]:
-    """A 2-d kernel size from an int or an (h, w) sequence."""
-    if isinstance(kernel_size, (list, tuple)):
-        return checks.pair(layer, "kernel_size", tuple(kernel_size))
-    return checks.pair(layer, "kernel_size", kernel_size)
+def window_norm(layer: str, function: Callable, x, *, dtype, data_format: str,
+                implementation: Optional[str], **settings) -> jax.Array:
+    """Applies a parameter-free window normalization (spatial, local contrast, cross-channel)
+    as a layer: `x` cast to `dtype` when one is given."""
+    fmt = canonical_format(layer, data_format)
+    if dtype is not None:
+        x = jnp.asarray(x, dtype)
+    return function(x, data_format=fmt, implementation=implementation, **settings)
+
+
+# ---- convolution and fully connected -----------------------------------------------------------
+# Flax and Haiku both spell padding as lax does ("SAME", "VALID", an int, ints or (lo, hi) pairs
+# per axis). jaxmps's own "same" centers windows the MPS way, which differs from lax's SAME for
+# even kernels and strides > 1, so the layers turn the lax spelling into explicit pads: a layer
+# then computes exactly what flax's / haiku's own layer computes.
+
+
+def pair(layer: str, name: str, value) -> Tuple[int, int]:
+    """A 2-d size (kernel size, strides, dilation) from an int or an (h, w) sequence."""
+    if isinstance(value, (list, tuple)):
+        value = tuple(value)
+    return checks.pair(layer, name, value)
+
+
+def _explicit_pads(layer: str, padding) -> Optional[Tuple[Tuple[int, int], Tuple[int, int]]]:
+    """lax-style explicit padding as ((top, bottom), (left, right)); None for a mode string."""
+    if isinstance(padding, str):
+        return None
+    if isinstance(padding, int) and not isinstance(padding, bool):
+        return (padding, padding), (padding, padding)
+    try:
+        items = list(padding)
+        if len(items) == 2 and all(isinstance(v, int) for v in items):
+            return (items[0], items[0]), (items[1], items[1])
+        (top, bottom), (left, right) = items
+        return (int(top), int(bottom)), (int(left), int(right))
+    except (TypeError, ValueError):
+        checks.fail(layer, "padding must be 'SAME', 'VALID', an int, (ph, pw) or "
+                    f"((top, bottom), (left, right)), got {padding!r}")
+
+
+def _mode(layer: str, padding: str) -> str:
+    mode = padding.upper()
+    if mode not in ("SAME", "VALID"):
+        checks.fail(layer, "padding must be 'SAME', 'VALID', an int, (ph, pw) or "
+                    f"((top, bottom), (left, right)), got {padding!r}")
+    return mode
+
+
+def _spatial_size(x, fmt: str) -> Tuple[int, int]:
+    return (x.shape[1], x.shape[2]) if fmt == "NHWC" else (x.shape[2], x.shape[3])
+
+
+def conv_pads(layer: str, padding, size: Tuple[int, int], kernel: Tuple[int, int],
+              strides: Tuple[int, int], dilation: Tuple[int, int]):
+    """lax.conv_general_dilated's pads for `padding` (what flax.linen.Conv / hk.Conv2D use)."""
+    explicit = _explicit_pads(layer, padding)
+    if explicit is not None:
+        return explicit
+    extent = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+    top_bottom, left_right = lax.padtype_to_pads(size, extent, strides, _mode(layer, padding))
+    return tuple(top_bottom), tuple(left_right)
+
+
+def _transpose_axis_pads(kernel: int, stride: int, mode: str) -> Tuple[int, int]:
+    # The rule of lax.conv_transpose (what flax.linen.ConvTranspose / hk.Conv2DTranspose use),
+    # on the zero-inserted image: SAME gives size * stride outputs.
+    if mode == "SAME":
+        total = kernel + stride - 2
+        before = kernel - 1 if stride > kernel - 1 else -(-total // 2)
+    else:
+        total = kernel + stride - 2 + max(kernel - stride, 0)
+        before = kernel - 1
+    return before, total - before
+
+
+def conv_transpose_pads(layer: str, padding, kernel: Tuple[int, int],
+                        strides: Tuple[int, int], dilation: Tuple[int, int]):
+    """lax.conv_transpose's pads (of the zero-inserted image) for `padding`."""
+    explicit = _explicit_pads(layer, padding)
+    if explicit is not None:
+        return explicit
+    mode = _mode(layer, padding)
+    return tuple(_transpose_axis_pads((k - 1) * d + 1, s, mode)
+                 for k, s, d in zip(kernel, strides, dilation))
+
+
+def conv(layer: str, x, kernel_hwio, bias, *, strides, padding, dilation, groups: int,
+         data_format: str, implementation: Optional[str]) -> jax.Array:
+    """jaxmps.conv2d with a lax-style `padding` and an HWIO kernel (kh, kw, in/groups, out)."""
+    import jaxmps  # the public op; jaxmps does not import the layers, so no cycle
+
+    kernel = tuple(kernel_hwio.shape[:2])
+    pads = conv_pads(layer, padding, _spatial_size(x, data_format), kernel, strides, dilation)
+    return jaxmps.conv2d(x, kernel_hwio, bias, strides=strides, dilation=dilation,
+                         groups=groups, padding=pads, weights_format="HWIO",
+                         data_format=data_format, implementation=implementation)
+
+
+def conv_transpose(layer: str, x, kernel_hwio, bias, *, strides, padding, dilation,
+                   data_format: str, implementation: Optional[str]) -> jax.Array:
+    """jaxmps.conv_transpose2d with lax.conv_transpose's `padding` and kernel: HWIO
+    (kh, kw, in, out) slid unflipped over the zero-inserted input, MPS's transpose model."""
+    import jaxmps
+
+    kernel = tuple(kernel_hwio.shape[:2])
+    pads = conv_transpose_pads(layer, padding, kernel, strides, dilation)
+    return jaxmps.conv_transpose2d(x, kernel_hwio, bias, strides=strides, dilation=dilation,
+                                   padding=pads, weights_format="HWIO",
+                                   data_format=data_format, implementation=implementation)
+
+
+def flipped_kernel(kernel_hwoi):
+    """A ``transpose_kernel=True`` kernel (kh, kw, out, in) as the equivalent unflipped HWIO
+    kernel (kh, kw, in, out): spatially flipped, in and out swapped (lax.conv_transpose)."""
+    return jnp.swapaxes(kernel_hwoi[::-1, ::-1], 2, 3)
+
+
+def dense(layer: str, x, kernel_io, bias, *, implementation: Optional[str]) -> jax.Array:
+    """jaxmps.fully_connected of (N, ...) inputs flattened to (N, in_features) with a Flax /
+    Haiku (in_features, out_features) kernel (MPS's (O, features) is its transpose)."""
+    import jaxmps
+
+    return jaxmps.fully_connected(flatten_features(layer, x), kernel_io, bias,
+                                  weights_format="HWIO", implementation=implementation)
