@@ -20,5 +20,11 @@ from ._src.window_norms import (CrossChannelNormGradientState, LocalContrastNorm
                                 spatial_norm_forward, spatial_norm_gradient)
 
 # convolution family
+from ._src.conv import conv2d, conv2d_forward, conv2d_gradient
+from ._src.conv_plan import ConvolutionGradientState
+from ._src.conv_transpose import (conv_transpose2d, conv_transpose2d_forward,
+                                  conv_transpose2d_gradient)
+from ._src.fully_connected import (fully_connected, fully_connected_forward,
+                                   fully_connected_gradient)
 
 __version__ = "0.1.0"
