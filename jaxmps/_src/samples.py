@@ -49,3 +49,35 @@ def kernel_calls(op: str, x, channels_last: bool, window=(3, 3), seed=0):
     return [(k.batch_norm_forward, (x, gamma, beta), params),
             (k.batch_norm_gradient, (dy, x, gamma, mean, var, dmean, dvar), params),
             (k.batch_norm_inference, (x, gamma, beta, mean, var + 0.5), params)]
+
+
+# ---- convolution -------------------------------------------------------------------------------
+
+CONV_GEOMETRIES = {
+    # name: (out channels, kernel (kh, kw), stride, dilation, pads (top, left), groups)
+    "3x3 same": (6, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "2x3 strided grouped dilated": (4, (2, 3), (2, 1), (1, 2), (0, 2), 2),
+}
+
+
+def conv_kernel_calls(x, channels_last: bool, geometry: str = "3x3 same", seed=0):
+    """[(kernel, args, params)] for the three convolution kernels on image x (C even)."""
+    from . import conv_kernels as ck
+
+    o, (kh, kw), (sh, sw), (dh, dw), (pt, pl), groups = CONV_GEOMETRIES[geometry]
+    n, c = x.shape[0], (x.shape[3] if channels_last else x.shape[1])
+    h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[2], x.shape[3])
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    pdt = acc_dtype(x.dtype)
+    weights = jax.random.normal(keys[0], (o, kh, kw, c // groups), pdt) * 0.3
+    bias = jax.random.normal(keys[1], (o,), pdt)
+    # Output size for symmetric padding (pad_bottom = pad_top, pad_right = pad_left).
+    oh = (h + 2 * pt - ((kh - 1) * dh + 1)) // sh + 1
+    ow = (w + 2 * pl - ((kw - 1) * dw + 1)) // sw + 1
+    geom = dict(stride_h=sh, stride_w=sw, dilation_h=dh, dilation_w=dw, pad_top=pt,
+                pad_left=pl, groups=groups, channels_last=channels_last)
+    dy_shape = (n, oh, ow, o) if channels_last else (n, o, oh, ow)
+    dy = jax.random.normal(keys[2], dy_shape, jnp.float32).astype(x.dtype)
+    return [(ck.conv2d_forward, (x, weights, bias), dict(geom, output_h=oh, output_w=ow)),
+            (ck.conv2d_data_gradient, (dy, weights), dict(geom, input_h=h, input_w=w)),
+            (ck.conv2d_weights_gradient, (dy, x), dict(geom, kernel_h=kh, kernel_w=kw))]
