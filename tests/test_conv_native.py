@@ -169,14 +169,20 @@ def test_blocked_sizes(channels_last):
 _ISA_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jaxmps._src import conv_kernels as k
-    params = dict(stride_h=1, stride_w=2, dilation_h=1, dilation_w=1, pad_top=1, pad_left=0,
-                  groups=2, channels_last=True)
     rng = np.random.default_rng(0)
-    for dtype in ("float32", "float64"):
+    # (dtype, layout, groups, input channels, output channels): O/G = 11 and 16 take the full
+    # AVX2 tile (6x16), O/G = 6 the half-width one (12x8); 1 -> 12 has one input channel.
+    cases = [("float32", True, 2, 30, 22), ("float64", True, 2, 30, 22),
+             ("float32", True, 1, 5, 6), ("float32", False, 1, 5, 6),
+             ("float32", False, 1, 5, 16), ("float32", True, 1, 1, 12)]
+    for dtype, channels_last, groups, c_in, c_out in cases:
         jax.config.update("jax_enable_x64", dtype == "float64")
-        x = jnp.asarray(rng.standard_normal((2, 11, 9, 30)), dtype)
-        w = jnp.asarray(rng.standard_normal((22, 3, 2, 15)), dtype)
-        dy = jnp.asarray(rng.standard_normal((2, 11, 4, 22)), dtype)
+        params = dict(stride_h=1, stride_w=2, dilation_h=1, dilation_w=1, pad_top=1,
+                      pad_left=0, groups=groups, channels_last=channels_last)
+        layout = (lambda a: a) if channels_last else (lambda a: a.transpose(0, 3, 1, 2))
+        x = jnp.asarray(layout(rng.standard_normal((2, 11, 9, c_in))), dtype)
+        w = jnp.asarray(rng.standard_normal((c_out, 3, 2, c_in // groups)), dtype)
+        dy = jnp.asarray(layout(rng.standard_normal((2, 11, 4, c_out))), dtype)
         for impl in ("native", "reference"):
             y, = k.conv2d_forward.bind(x, w, w[:, 0, 0, 0], output_h=11, output_w=4,
                                        implementation=impl, **params)
@@ -189,7 +195,7 @@ _ISA_SCRIPT = textwrap.dedent("""
                 native = out
         err = max(float(np.max(np.abs(a - b)) / (1 + np.max(np.abs(b))))
                   for a, b in zip(native, out))
-        assert err < (1e-5 if dtype == "float32" else 1e-12), (dtype, err)
+        assert err < (1e-5 if dtype == "float32" else 1e-12), (dtype, c_in, c_out, err)
     print("ok")
 """)
 
@@ -242,3 +248,62 @@ def test_hlo_calls_only_the_gradients_that_are_needed():
     assert _custom_calls(jax.grad(loss("native"), argnums=(1, 2)), x, w, b) == {fwd, weights}
     assert _custom_calls(jax.grad(loss(None), argnums=(0, 1)), x, w, b) == {fwd, data, weights}
     assert _custom_calls(jax.grad(loss("reference"), argnums=(0, 1)), x, w, b) == set()
+
+
+# ---- small layers: one input channel per group, tile widths, rows spanning images -----------
+
+
+def _check_against_xla(x, w, b, layout, **kw):
+    """y, dx, dw, db of the native conv2d against XLA's convolution (float32)."""
+    channels_last = layout == "NHWC"
+    if not channels_last:
+        x = x.transpose(0, 3, 1, 2)
+    (_, y), grads = _value_and_grads(lambda x, w, b: jaxmps.conv2d(
+        x, w, b, data_format=layout, implementation="native", **kw))(x, w, b)
+    (_, y_xla), grads_xla = _value_and_grads(lambda x, w, b: lax_conv(
+        x, w, b, kw.get("strides", 1), kw.get("dilation", 1), kw.get("groups", 1),
+        kw.get("padding", "same"), channels_last))(x, w, b)
+    assert_close(y, y_xla, "float32", scale=5.0)
+    for name, g, e in zip(("dx", "dw", "db"), grads, grads_xla):
+        assert_close(g, e, "float32", scale=20.0, err_msg=name)
+
+
+# (input channels, output channels per group): groups = input channels, one input channel per
+# group. 1 -> 16 is the demo's first layer (a GEMM of 9-deep rows, as O/G >= 8 picks), 3 x 3
+# and 2 x 8 a depthwise layer with channel multiplier 3 (direct loops) and 8 (GEMM).
+SINGLE_CHANNEL = [(1, 16), (3, 3), (2, 8)]
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("channels,multiplier", SINGLE_CHANNEL, ids=str)
+@pytest.mark.parametrize("strides", [1, 2])
+def test_one_input_channel_per_group(layout, channels, multiplier, strides):
+    _require_all()
+    x = random((5, 7, 6, channels), 0, np.float32)
+    w = random((channels * multiplier, 3, 3, 1), 1, np.float32)
+    b = random((channels * multiplier,), 2, np.float32)
+    _check_against_xla(x, w, b, layout, strides=strides, groups=channels)
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("outputs", [16, 24, 40, 6])
+def test_every_tile_width(layout, outputs):
+    """On AVX-512, O = 16, 40 and 6 run the half-width tile (14x16), 24 the full one (14x32);
+    on AVX2, 6 the half-width tile (12x8), the others the full one (6x16). I = 20: the taps of
+    a packed panel's rows change within the panel."""
+    _require_all()
+    x = random((3, 6, 5, 20), 0, np.float32)
+    w = random((outputs, 3, 2, 20), 1, np.float32) * 0.3
+    b = random((outputs,), 2, np.float32)
+    _check_against_xla(x, w, b, layout, padding=((1, 0), (1, 1)))
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_fully_connected_rows_are_images(layout):
+    """A kernel covering the whole 3x2 image ("valid", one output pixel): each GEMM row is an
+    image, so the 33 images fill several 14-row tiles and weights-gradient chunks."""
+    _require_all()
+    x = random((33, 3, 2, 7), 0, np.float32)
+    w = random((10, 3, 2, 7), 1, np.float32)
+    b = random((10,), 2, np.float32)
+    _check_against_xla(x, w, b, layout, padding="valid")

@@ -4,6 +4,7 @@
 
 #include "conv_common.h"
 #include "conv_depthwise.h"
+#include "conv_rows.h"
 
 namespace jaxmps::cpu {
 namespace {
@@ -15,12 +16,13 @@ constexpr std::string_view kOp = "conv2d_data_gradient";
 // sh*sw phases, each a dense grid whose pixels share the same valid taps: per phase the
 // gradient is an ordinary GEMM with no multiplications by inserted zeros.
 struct Phase {
-  int64_t ry = 0, rx = 0;    // first dx row / column of the phase
+  int64_t ry = 0, rx = 0;      // first dx row / column of the phase
   int64_t rows = 0, cols = 0;  // phase grid size: iy = ry + sh*ty, ix = rx + sw*tx
   std::vector<int64_t> ky, kx;  // valid taps
-  std::vector<int64_t> dy_row, dy_col;  // tap t reads dy row ty + dy_row[t], col tx + dy_col[t]
-  int64_t pixels() const { return rows * cols; }
+  TapOffsets dy_offsets;  // tap t reads dy pixel (ty + dy_offsets.y[t], tx + dy_offsets.x[t])
   int64_t taps() const { return static_cast<int64_t>(ky.size()); }
+  // The phase's GEMM rows: its dx pixels over the whole batch.
+  RowGrid grid(int64_t images) const { return {images, rows, cols, 1, 1, 0, 0}; }
 };
 
 std::vector<Phase> MakePhases(const ConvProblem& p) {
@@ -38,8 +40,7 @@ std::vector<Phase> MakePhases(const ConvProblem& p) {
           const int64_t num_x = rx + p.pad_left - kx * p.dilation_w;
           if (num_x - FloorDiv(num_x, p.stride_w) * p.stride_w) continue;
           ph.ky.push_back(ky), ph.kx.push_back(kx);
-          ph.dy_row.push_back(FloorDiv(num_y, p.stride_h));
-          ph.dy_col.push_back(FloorDiv(num_x, p.stride_w));
+          ph.dy_offsets.Add(FloorDiv(num_y, p.stride_h), FloorDiv(num_x, p.stride_w));
         }
       }
       phases.push_back(std::move(ph));
@@ -48,26 +49,9 @@ std::vector<Phase> MakePhases(const ConvProblem& p) {
   return phases;
 }
 
-// Packs rows [q0, q0 + m) (phase pixels) x depth [k0, k0 + kl) (k = t*O/G + o over the
-// phase's valid taps t) of the gathered dy into MR-row panels. `dyg` points at channel g*O/G.
-template <typename T, typename Acc>
-void PackGather(const ConvProblem& p, const Phase& ph, int64_t mr, const T* dyg, int64_t q0,
-                int64_t m, int64_t k0, int64_t kl, Acc* dst) {
-  const ImageShape& ys = p.y;
-  PackSegments<T, Acc>(
-      mr, m, p.og, ys.sc, k0, kl,
-      [&](int64_t i, int64_t t) -> const T* {
-        const int64_t oy = (q0 + i) / ph.cols + ph.dy_row[t];
-        const int64_t ox = (q0 + i) % ph.cols + ph.dy_col[t];
-        if (oy < 0 || oy >= ys.h || ox < 0 || ox >= ys.w) return nullptr;
-        return dyg + oy * ys.sh + ox * ys.sw;
-      },
-      dst);
-}
-
-// One work unit: image n, group g, phase, phase pixels [q0, q0 + m).
+// One work unit: group g, phase, GEMM rows [q0, q0 + m) of the phase (over the batch).
 struct Unit {
-  int64_t n, g, phase, q0, m;
+  int64_t g, phase, q0, m;
 };
 
 // The phases, their weights packed per (group, phase) as B (taps*O/G x I/G; depth blocks of
@@ -77,7 +61,7 @@ struct Plan {
   std::vector<Phase> phases;
   std::vector<int64_t> offsets;  // of the packed weights, per (group, phase)
   AlignedBuffer<Acc> packed;
-  std::vector<std::pair<int64_t, int64_t>> work;  // (phase, q0) per (image, group)
+  std::vector<std::pair<int64_t, int64_t>> work;  // (phase, q0) per group
   int64_t n_pad = 0, block = 0, groups = 0, images = 0;
 
   Plan(const ConvProblem& p, const Acc* w, const MicroKernel<Acc>& mk, int64_t depth_block)
@@ -106,89 +90,86 @@ struct Plan {
       }
     }
     for (size_t f = 0; f < phases.size(); ++f) {
-      for (int64_t q0 = 0; q0 < phases[f].pixels(); q0 += block) work.push_back({int64_t(f), q0});
+      const int64_t rows = phases[f].grid(images).size();
+      for (int64_t q0 = 0; q0 < rows; q0 += block) work.push_back({int64_t(f), q0});
     }
   }
-  int64_t units() const { return images * groups * static_cast<int64_t>(work.size()); }
+  int64_t units() const { return groups * static_cast<int64_t>(work.size()); }
   Unit unit(int64_t i) const {
     const int64_t per = static_cast<int64_t>(work.size());
     const auto [f, q0] = work[i % per];
-    return {i / (groups * per), (i / per) % groups, f,
-            q0, std::min(block, phases[f].pixels() - q0)};
+    return {i / per, f, q0, std::min(block, phases[f].grid(images).size() - q0)};
   }
   const Acc* weights(const Unit& u) const {
     return packed.data() + offsets[u.g * phases.size() + u.phase];
   }
 };
 
-// dx pixels of a unit's phase = C rows (I/G channels of group g).
+// dx pixels of a unit's rows = C rows (I/G channels of group g).
 template <typename T, typename Acc>
 void StoreInputGradient(const ConvProblem& p, const Phase& ph, const Acc* cbuf, int64_t ldc,
                         const Unit& u, T* dx) {
-  T* dxg = dx + u.n * p.x.sn + u.g * p.ig * p.x.sc;
-  for (int64_t i = 0; i < u.m; ++i) {
-    const int64_t ty = (u.q0 + i) / ph.cols, tx = (u.q0 + i) % ph.cols;
-    T* pixel = dxg + (ph.ry + ty * p.stride_h) * p.x.sh + (ph.rx + tx * p.stride_w) * p.x.sw;
+  T* dxg = dx + u.g * p.ig * p.x.sc;
+  ForEachRow(ph.grid(p.x.n), u.q0, u.m, [&](int64_t i, int64_t n, int64_t ty, int64_t tx) {
+    T* pixel = dxg + n * p.x.sn + (ph.ry + ty * p.stride_h) * p.x.sh +
+               (ph.rx + tx * p.stride_w) * p.x.sw;
     const Acc* c = cbuf + i * ldc;
     for (int64_t ch = 0; ch < p.ig; ++ch) StoreAs(pixel + ch * p.x.sc, c[ch]);
-  }
+  });
 }
 
-// dx: work units of (image, group, phase, block of phase pixels); per unit one GEMM
-// C (pixels x I/G) = gathered dy (pixels x taps*O/G) * W (taps*O/G x I/G), W packed per
-// (group, phase) once per call. Every dx element belongs to exactly one unit.
+// dx: work units of (group, phase, block of phase rows); per unit one GEMM C (rows x I/G) =
+// gathered dy (rows x taps*O/G) * W (taps*O/G x I/G), W packed per (group, phase) once per
+// call, the gathered dy packed from the unit's row-pointer table. Every dx element belongs to
+// exactly one unit.
 template <typename T, typename Acc>
 void DataGradientGemm(ffi::ThreadPool& pool, const ConvProblem& p, const T* dy, const Acc* w,
                       T* dx) {
-  const MicroKernel<Acc>& mk = SelectMicroKernel<Acc>();
+  const MicroKernel<Acc>& mk = SelectMicroKernel<Acc>(p.ig);
   const Plan<Acc> plan(p, w, mk, kDepthBlock);
   ParallelFor(pool, plan.units(), [&](int64_t unit) {
     const Unit u = plan.unit(unit);
     const Phase& ph = plan.phases[u.phase];
-    const int64_t depth = ph.taps() * p.og;
-    AlignedBuffer<Acc> apack(RoundUp(u.m, mk.mr) * std::max<int64_t>(1, std::min(depth,
-                                                                                 kDepthBlock)));
-    AlignedBuffer<Acc> cbuf(RoundUp(u.m, mk.mr) * plan.n_pad);
-    const T* dyg = dy + u.n * p.y.sn + u.g * p.og * p.y.sc;
+    const int64_t taps = ph.taps(), depth = taps * p.og, m_pad = RoundUp(u.m, mk.mr);
+    const T** table = ThreadScratch<const T*, kPointerTable>(m_pad * taps);
+    Acc* apack = ThreadScratch<Acc, kAPanels>(m_pad * std::min(depth, kDepthBlock));
+    Acc* cbuf = ThreadScratch<Acc, kCBlock>(m_pad * plan.n_pad);
+    FillRowPointers<T>(ph.grid(p.x.n), ph.dy_offsets, p.y, dy + u.g * p.og * p.y.sc, nullptr,
+                       u.q0, u.m, mk.mr, table);
     GemmPacked<Acc>(
         mk, u.m, p.ig, depth, plan.weights(u),
         [&](int64_t k0, int64_t kl, Acc* dst) {
-          PackGather<T, Acc>(p, ph, mk.mr, dyg, u.q0, u.m, k0, kl, dst);
+          for (int64_t i0 = 0; i0 < m_pad; i0 += mk.mr) {
+            PackTile<T, Acc>(mk.mr, p.og, p.y.sc, k0, kl, table + i0 * taps, dst + i0 * kl);
+          }
         },
-        apack.data(), cbuf.data(), plan.n_pad, false);
-    StoreInputGradient(p, ph, cbuf.data(), plan.n_pad, u, dx);
+        apack, cbuf, plan.n_pad, false);
+    StoreInputGradient(p, ph, cbuf, plan.n_pad, u, dx);
   });
 }
 
-// NHWC float32 without packing A: per 14-pixel tile of a phase, one row pointer per (pixel,
-// valid tap) into dy (the group's O/G channels are contiguous) or into a zero row.
+// NHWC float32 without packing A: per tile of a phase, one row pointer per (row, valid tap)
+// into dy (the group's O/G channels are contiguous) or into a zero row.
 void DataGradientRows(ffi::ThreadPool& pool, const ConvProblem& p, const float* dy,
                       const float* w, float* dx) {
-  const MicroKernel<float>& mk = SelectMicroKernel<float>();
+  const MicroKernel<float>& mk = SelectMicroKernel<float>(p.ig);
   const Plan<float> plan(p, w, mk, 0);
   const std::vector<float> zeros(p.og, 0.f);
   ParallelFor(pool, plan.units(), [&](int64_t unit) {
     const Unit u = plan.unit(unit);
     const Phase& ph = plan.phases[u.phase];
-    const int64_t taps = ph.taps();
-    AlignedBuffer<float> cbuf(RoundUp(u.m, mk.mr) * plan.n_pad);
-    std::vector<const float*> rows(std::max<int64_t>(taps, 1) * mk.mr);
-    const float* dyg = dy + u.n * p.y.sn + u.g * p.og;
-    for (int64_t i0 = 0; i0 < u.m; i0 += mk.mr) {
-      for (int64_t r = 0; r < mk.mr; ++r) {
-        const int64_t ty = (u.q0 + i0 + r) / ph.cols, tx = (u.q0 + i0 + r) % ph.cols;
-        for (int64_t t = 0; t < taps; ++t) {
-          const int64_t oy = ty + ph.dy_row[t], ox = tx + ph.dy_col[t];
-          const bool inside = i0 + r < u.m && oy >= 0 && oy < p.y.h && ox >= 0 && ox < p.y.w;
-          rows[t * mk.mr + r] = inside ? dyg + oy * p.y.sh + ox * p.y.sw : zeros.data();
-        }
-      }
+    const int64_t taps = ph.taps(), m_pad = RoundUp(u.m, mk.mr);
+    const float** table = ThreadScratch<const float*, kPointerTable>(m_pad * taps);
+    float* cbuf = ThreadScratch<float, kCBlock>(m_pad * plan.n_pad);
+    FillRowPointers<float>(ph.grid(p.x.n), ph.dy_offsets, p.y, dy + u.g * p.og, zeros.data(),
+                           u.q0, u.m, mk.mr, table);
+    for (int64_t i0 = 0; i0 < m_pad; i0 += mk.mr) {
       for (int64_t j0 = 0; j0 < plan.n_pad; j0 += mk.nr) {
-        mk.rows_fn(taps, p.og, rows.data(), plan.weights(u) + j0 * taps * p.og,
-                   cbuf.data() + i0 * plan.n_pad + j0, plan.n_pad, false);
+        mk.rows_fn(taps, p.og, table + i0 * taps, plan.weights(u) + j0 * taps * p.og,
+                   cbuf + i0 * plan.n_pad + j0, plan.n_pad, false);
       }
     }
-    StoreInputGradient(p, ph, cbuf.data(), plan.n_pad, u, dx);
+    StoreInputGradient(p, ph, cbuf, plan.n_pad, u, dx);
   });
 }
 
@@ -216,7 +197,7 @@ ffi::Error DataGradient(ffi::ThreadPool pool, ConvDataGradientAttrs attrs, ffi::
     const T* dyp = reinterpret_cast<const T*>(dy.untyped_data());
     const Acc* wp = reinterpret_cast<const Acc*>(weights.untyped_data());
     T* dxp = reinterpret_cast<T*>(dx->untyped_data());
-    if (UseDepthwise(p)) {
+    if (UseDepthwiseDataGradient(p)) {
       DepthwiseDataGradient<T, Acc>(pool, p, dyp, wp, dxp);
     } else if constexpr (std::is_same_v<T, float>) {
       if (p.x.channels_last) {
@@ -238,7 +219,7 @@ JAXMPS_FFI_TARGET("jaxmps_conv2d_data_gradient", JaxmpsConv2dDataGradientCpu,
                   jaxmps::cpu::DataGradient,
                   xla::ffi::Ffi::Bind()
                       .Ctx<xla::ffi::ThreadPool>()
-                      .Attrs<jaxmps::cpu::ConvDataGradientAttrs>()  // geometry, input_h/w
+                      .Attrs<jaxmps::ConvDataGradientAttrs>()  // geometry, input_h/w
                       .Arg<xla::ffi::AnyBuffer>()   // dy: (N, OH, OW, O) or (N, O, OH, OW)
                       .Arg<xla::ffi::AnyBuffer>()   // weights: (O, KH, KW, I/G), param dtype
                       .Ret<xla::ffi::AnyBuffer>());  // dx: (N, H, W, I) or (N, I, H, W)

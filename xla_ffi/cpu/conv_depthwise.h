@@ -1,5 +1,5 @@
-// Direct loops for depthwise convolutions (one input channel per group, any channel multiplier
-// O/G): forward, data gradient and weights gradient, where a GEMM would be 1 column wide.
+// Direct loops for convolutions with one input channel per group (depthwise, any channel
+// multiplier O/G): forward, data gradient and weights gradient, where a GEMM would be narrow.
 #pragma once
 
 #include <algorithm>
@@ -9,8 +9,14 @@
 
 namespace jaxmps::cpu {
 
-// The direct path serves groups that read a single input channel.
-inline bool UseDepthwise(const ConvProblem& p) { return p.ig == 1; }
+// The direct loops serve groups that read a single input channel, where a GEMM would be one
+// column wide: always in the data gradient (its GEMM columns are the I/G = 1 inputs); in the
+// forward and the weights gradient (columns: the O/G outputs of a group) only while O/G is
+// below kMinGemmColumns. From there on (a first layer of 1 -> 16 channels) the GEMM's vector
+// tiles are mostly full and beat these loops, which are compiled for the baseline ISA.
+constexpr int64_t kMinGemmColumns = 8;
+inline bool UseDepthwise(const ConvProblem& p) { return p.ig == 1 && p.og < kMinGemmColumns; }
+inline bool UseDepthwiseDataGradient(const ConvProblem& p) { return p.ig == 1; }
 
 // Range [lo, hi) of output columns ox whose input column ox*sw + offset lies in [0, width).
 inline void ValidRange(int64_t count, int64_t stride, int64_t offset, int64_t width,
@@ -56,17 +62,20 @@ void DepthwiseForward(ffi::ThreadPool& pool, const ConvProblem& p, const T* x, c
     const std::vector<Acc> wt = WeightsByTap(p, w);
     ParallelFor(pool, ys.n * ys.h, [&](int64_t unit) {
       const int64_t n = unit / ys.h, oy = unit % ys.h;
-      std::vector<Acc> acc(ys.w * oc);
-      for (int64_t ox = 0; ox < ys.w; ++ox) std::copy(bias, bias + oc, acc.data() + ox * oc);
+      Acc* acc = ThreadScratch<Acc, kCBlock>(ys.w * oc);
+      for (int64_t ox = 0; ox < ys.w; ++ox) std::copy(bias, bias + oc, acc + ox * oc);
       ForEachTapOfRow(p, oy, [&](int64_t tap, int64_t iy, int64_t off, int64_t lo, int64_t hi) {
         const Acc* wk = wt.data() + tap * oc;
         for (int64_t ox = lo; ox < hi; ++ox) {
           const T* src = x + n * xs.sn + iy * xs.sh + (ox * p.stride_w + off) * xs.sw;
-          Acc* a = acc.data() + ox * oc;
+          Acc* a = acc + ox * oc;
           if (og == 1) {
             for (int64_t o = 0; o < oc; ++o) a[o] += wk[o] * Acc(Load(src[o]));
-          } else {
-            for (int64_t o = 0; o < oc; ++o) a[o] += wk[o] * Acc(Load(src[o / og]));
+          } else {  // input channel c feeds the og consecutive outputs c*og ...
+            for (int64_t c = 0; c < xs.c; ++c) {
+              const Acc v = Acc(Load(src[c]));
+              for (int64_t j = 0; j < og; ++j) a[c * og + j] += wk[c * og + j] * v;
+            }
           }
         }
       });
@@ -102,25 +111,32 @@ void DepthwiseDataGradient(ffi::ThreadPool& pool, const ConvProblem& p, const T*
   const int64_t og = p.og, oc = ys.c, ic = xs.c;
   if (ys.channels_last) {
     const std::vector<Acc> wt = WeightsByTap(p, w);
+    // Per dx pixel one partial sum per output channel o (vector loops over all O channels),
+    // summed over each input channel's og outputs at the end.
     ParallelFor(pool, ys.n, [&](int64_t n) {
-      std::vector<Acc> acc(xs.h * xs.w * ic, Acc(0));
+      std::vector<Acc> acc_image(xs.h * xs.w * oc, Acc(0));  // a whole image: not kept
+      Acc* acc = acc_image.data();
       for (int64_t oy = 0; oy < ys.h; ++oy) {
         ForEachTapOfRow(p, oy, [&](int64_t tap, int64_t iy, int64_t off, int64_t lo,
                                    int64_t hi) {
           const Acc* wk = wt.data() + tap * oc;
           for (int64_t ox = lo; ox < hi; ++ox) {
             const T* g = dy + n * ys.sn + oy * ys.sh + ox * ys.sw;
-            Acc* a = acc.data() + (iy * xs.w + ox * p.stride_w + off) * ic;
-            if (og == 1) {
-              for (int64_t c = 0; c < ic; ++c) a[c] += wk[c] * Acc(Load(g[c]));
-            } else {
-              for (int64_t o = 0; o < oc; ++o) a[o / og] += wk[o] * Acc(Load(g[o]));
-            }
+            Acc* a = acc + (iy * xs.w + ox * p.stride_w + off) * oc;
+            for (int64_t o = 0; o < oc; ++o) a[o] += wk[o] * Acc(Load(g[o]));
           }
         });
       }
       T* dst = dx + n * xs.sn;
-      for (size_t i = 0; i < acc.size(); ++i) StoreAs(dst + i, acc[i]);
+      if (og == 1) {
+        for (int64_t i = 0; i < xs.h * xs.w * ic; ++i) StoreAs(dst + i, acc[i]);
+      } else {
+        for (int64_t i = 0; i < xs.h * xs.w * ic; ++i) {
+          Acc sum = 0;
+          for (int64_t j = 0; j < og; ++j) sum += acc[i * og + j];
+          StoreAs(dst + i, sum);
+        }
+      }
     });
     return;
   }
@@ -145,30 +161,41 @@ void DepthwiseDataGradient(ffi::ThreadPool& pool, const ConvProblem& p, const T*
 }
 
 // dW[o,tap] = sum_{n,oy,ox} dy[n,oy,ox,o] x[n,iy,ix,o/og], db[o] = sum dy. A unit owns a block
-// of output channels over the whole batch (NHWC: 16 channels, NCHW: one), so each sum has one
-// owner and a fixed order.
+// of output channels (NHWC: 16 channels, NCHW: one) over a fixed range of images (a batch
+// slot); the slots' partial sums are added in slot order at the end. The split depends on the
+// shapes only, so results do not depend on the thread count.
 template <typename T, typename Acc>
 void DepthwiseWeightsGradient(ffi::ThreadPool& pool, const ConvProblem& p, const T* dy,
                               const T* x, Acc* dw, Acc* db) {
   const ImageShape &xs = p.x, &ys = p.y;
-  const int64_t og = p.og, oc = ys.c, block = ys.channels_last ? 16 : 1;
-  ParallelFor(pool, (oc + block - 1) / block, [&](int64_t unit) {
-    const int64_t o0 = unit * block, o1 = std::min(oc, o0 + block), nb = o1 - o0;
-    std::vector<Acc> acc(p.taps() * nb, Acc(0)), bsum(nb, Acc(0));
+  const int64_t og = p.og, oc = ys.c, taps = p.taps(), block = ys.channels_last ? 16 : 1;
+  const int64_t blocks = (oc + block - 1) / block;
+  // Enough units for the pool even when the channels make a single block (a first layer).
+  const int64_t slots = std::min<int64_t>(ys.n, std::max<int64_t>(1, 16 / blocks));
+  const int64_t slot_size = oc * (taps + 1);  // dW then db
+  std::vector<Acc> partial(slots * slot_size, Acc(0));
+  ParallelFor(pool, blocks * slots, [&](int64_t unit) {
+    const int64_t o0 = (unit / slots) * block, o1 = std::min(oc, o0 + block), nb = o1 - o0;
+    const int64_t slot = unit % slots;
+    // Sums local to the unit ([tap][j], then db), copied to the slot's partial sums at the end
+    // (accumulating in the shared buffer would bounce cache lines between threads).
+    std::vector<Acc> sums(nb * (taps + 1), Acc(0));
+    Acc* acc = sums.data();
+    Acc* bsum = sums.data() + nb * taps;
     // Element offsets of the block's channels in dy and in x (channel o reads o / og).
     std::vector<int64_t> g_off(nb), x_off(nb);
     for (int64_t j = 0; j < nb; ++j) {
       g_off[j] = (o0 + j) * ys.sc, x_off[j] = (o0 + j) / og * xs.sc;
     }
-    const bool contiguous = og == 1 && xs.sc == 1;  // NHWC multiplier 1: vector loops
-    for (int64_t n = 0; n < ys.n; ++n) {
+    const int64_t c0 = o0 / og, c1 = (o1 - 1) / og + 1;  // input channels the block reads
+    for (int64_t n = slot * ys.n / slots; n < (slot + 1) * ys.n / slots; ++n) {
       for (int64_t oy = 0; oy < ys.h; ++oy) {
         const T* grow = dy + n * ys.sn + oy * ys.sh;
         for (int64_t ox = 0; ox < ys.w; ++ox)
           for (int64_t j = 0; j < nb; ++j) bsum[j] += Acc(Load(grow[ox * ys.sw + g_off[j]]));
         ForEachTapOfRow(p, oy, [&](int64_t tap, int64_t iy, int64_t off, int64_t lo,
                                    int64_t hi) {
-          Acc* a = acc.data() + tap * nb;
+          Acc* a = acc + tap * nb;
           const T* xrow = x + n * xs.sn + iy * xs.sh;
           if (!ys.channels_last) {  // one channel per unit: a dot product along the row
             const T* g = grow + g_off[0];
@@ -183,24 +210,38 @@ void DepthwiseWeightsGradient(ffi::ThreadPool& pool, const ConvProblem& p, const
           for (int64_t ox = lo; ox < hi; ++ox) {
             const T* src = xrow + (ox * p.stride_w + off) * xs.sw;
             const T* g = grow + ox * ys.sw;
-            if (contiguous) {
+            if (og == 1) {
               for (int64_t j = 0; j < nb; ++j) {
                 a[j] += Acc(Load(g[o0 + j])) * Acc(Load(src[o0 + j]));
               }
-            } else {
-              for (int64_t j = 0; j < nb; ++j) {
-                a[j] += Acc(Load(g[g_off[j]])) * Acc(Load(src[x_off[j]]));
+            } else {  // input channel c feeds outputs [c*og, (c+1)*og) of the block
+              for (int64_t c = c0; c < c1; ++c) {
+                const Acc v = Acc(Load(src[c]));
+                const int64_t lo_o = std::max(o0, c * og), hi_o = std::min(o1, (c + 1) * og);
+                for (int64_t o = lo_o; o < hi_o; ++o) a[o - o0] += Acc(Load(g[o])) * v;
               }
             }
           }
         });
       }
     }
-    for (int64_t j = 0; j < nb; ++j) {
-      for (int64_t t = 0; t < p.taps(); ++t) dw[(o0 + j) * p.taps() + t] = acc[t * nb + j];
-      db[o0 + j] = bsum[j];
-    }
+    std::copy(acc, acc + nb * taps, partial.data() + slot * slot_size + o0 * taps);
+    std::copy(bsum, bsum + nb, partial.data() + slot * slot_size + oc * taps + o0);
   });
+  // dW[o][t] from the blocks' [tap][j] layout, each sum over the slots in slot order.
+  for (int64_t o = 0; o < oc; ++o) {
+    const int64_t o0 = o / block * block, nb = std::min(oc, o0 + block) - o0;
+    for (int64_t t = 0; t < taps; ++t) {
+      Acc sum = 0;
+      for (int64_t s = 0; s < slots; ++s) {
+        sum += partial[s * slot_size + o0 * taps + t * nb + (o - o0)];
+      }
+      dw[o * taps + t] = sum;
+    }
+    Acc sum = 0;
+    for (int64_t s = 0; s < slots; ++s) sum += partial[s * slot_size + oc * taps + o];
+    db[o] = sum;
+  }
 }
 
 }  // namespace jaxmps::cpu

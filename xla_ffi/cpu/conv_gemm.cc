@@ -44,8 +44,9 @@ __attribute__((always_inline)) inline void StoreTile(const Vec (&acc)[MR][NV], T
 // loops have constant bounds and are fully unrolled, so the compiler keeps acc[][] in
 // registers; each step loads NV vectors of B and broadcasts MR scalars of A.
 template <typename T, int MR, int NV, int VW>
-__attribute__((always_inline)) inline void MicroKernelBody(int64_t kc, const T* a, const T* b,
-                                                          T* c, int64_t ldc, bool accumulate) {
+__attribute__((always_inline)) inline void MicroKernelBody(int64_t kc, const T* a, int64_t lda,
+                                                          const T* b, T* c, int64_t ldc,
+                                                          bool accumulate) {
   typedef T Vec __attribute__((vector_size(VW * sizeof(T))));
   constexpr int NR = NV * VW;
   Vec acc[MR][NV];
@@ -56,7 +57,7 @@ __attribute__((always_inline)) inline void MicroKernelBody(int64_t kc, const T* 
     for (int j = 0; j < NV; ++j) bv[j] = *reinterpret_cast<const Vec*>(b + k * NR + j * VW);
 #pragma GCC unroll 32
     for (int r = 0; r < MR; ++r) {
-      const T ar = a[k * MR + r];
+      const T ar = a[k * lda + r];
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[r][j] += ar * bv[j];
     }
@@ -64,7 +65,6 @@ __attribute__((always_inline)) inline void MicroKernelBody(int64_t kc, const T* 
   StoreTile<T, Vec, MR, NV, VW>(acc, c, ldc, accumulate);
 }
 
-#if JAXMPS_CONV_X86
 // RowsKernelFn body: as MicroKernelBody, with A read through MR row pointers per tap.
 template <typename T, int MR, int NV, int VW>
 __attribute__((always_inline)) inline void RowsKernelBody(int64_t taps, int64_t depth,
@@ -93,64 +93,42 @@ __attribute__((always_inline)) inline void RowsKernelBody(int64_t taps, int64_t 
   StoreTile<T, Vec, MR, NV, VW>(acc, c, ldc, accumulate);
 }
 
-// 14 x 32 floats: 28 zmm accumulators, 2 B loads + 14 broadcasts per 28 FMAs.
-__attribute__((target("avx512f,fma"))) void FloatAvx512(int64_t kc, const float* a,
-                                                        const float* b, float* c, int64_t ldc,
-                                                        bool accumulate) {
-  MicroKernelBody<float, 14, 2, 16>(kc, a, b, c, ldc, accumulate);
-}
-
-__attribute__((target("avx512f,fma"))) void FloatRowsAvx512(int64_t taps, int64_t depth,
-                                                            const float* const* rows,
-                                                            const float* b, float* c,
-                                                            int64_t ldc, bool accumulate) {
-  RowsKernelBody<float, 14, 2, 16>(taps, depth, rows, b, c, ldc, accumulate);
-}
-
-// 6 x 16 floats: 12 ymm accumulators (of 16 registers).
-__attribute__((target("avx2,fma"))) void FloatAvx2(int64_t kc, const float* a, const float* b,
-                                                   float* c, int64_t ldc, bool accumulate) {
-  MicroKernelBody<float, 6, 2, 8>(kc, a, b, c, ldc, accumulate);
-}
-
-__attribute__((target("avx2,fma"))) void FloatRowsAvx2(int64_t taps, int64_t depth,
-                                                       const float* const* rows, const float* b,
-                                                       float* c, int64_t ldc, bool accumulate) {
-  RowsKernelBody<float, 6, 2, 8>(taps, depth, rows, b, c, ldc, accumulate);
-}
-
-#endif  // JAXMPS_CONV_X86
-
-// 4 x 8 floats in SSE2 (x86-64 baseline) or whatever the default target is.
-void FloatPortable(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
-                   bool accumulate) {
-  MicroKernelBody<float, 4, 2, 4>(kc, a, b, c, ldc, accumulate);
-}
-
-void FloatRowsPortable(int64_t taps, int64_t depth, const float* const* rows, const float* b,
-                       float* c, int64_t ldc, bool accumulate) {
-  RowsKernelBody<float, 4, 2, 4>(taps, depth, rows, b, c, ldc, accumulate);
-}
+// JAXMPS_TILE defines Name, the MicroKernelFn of an MR x (NV * VW) tile of T compiled with the
+// function attributes ATTRS (a target, or nothing for the default target); JAXMPS_TILE_ROWS
+// also defines Name##Rows, its RowsKernelFn.
+#define JAXMPS_TILE(Name, T, MR, NV, VW, ATTRS)                                             \
+  ATTRS void Name(int64_t kc, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,       \
+                  bool accumulate) {                                                       \
+    MicroKernelBody<T, MR, NV, VW>(kc, a, lda, b, c, ldc, accumulate);                     \
+  }
+#define JAXMPS_TILE_ROWS(Name, T, MR, NV, VW, ATTRS)                                        \
+  JAXMPS_TILE(Name, T, MR, NV, VW, ATTRS)                                                  \
+  ATTRS void Name##Rows(int64_t taps, int64_t depth, const T* const* rows, const T* b,     \
+                        T* c, int64_t ldc, bool accumulate) {                              \
+    RowsKernelBody<T, MR, NV, VW>(taps, depth, rows, b, c, ldc, accumulate);               \
+  }
+#define JAXMPS_AVX512 __attribute__((target("avx512f,fma")))
+#define JAXMPS_AVX2 __attribute__((target("avx2,fma")))
+#define JAXMPS_DEFAULT_TARGET
 
 #if JAXMPS_CONV_X86
-__attribute__((target("avx512f,fma"))) void DoubleAvx512(int64_t kc, const double* a,
-                                                         const double* b, double* c,
-                                                         int64_t ldc, bool accumulate) {
-  MicroKernelBody<double, 12, 2, 8>(kc, a, b, c, ldc, accumulate);
-}
-
-__attribute__((target("avx2,fma"))) void DoubleAvx2(int64_t kc, const double* a,
-                                                    const double* b, double* c, int64_t ldc,
-                                                    bool accumulate) {
-  MicroKernelBody<double, 6, 2, 4>(kc, a, b, c, ldc, accumulate);
-}
-
+// 14 x 32 floats: 28 zmm accumulators, 2 B loads + 14 broadcasts per 28 FMAs.
+JAXMPS_TILE_ROWS(FloatAvx512, float, 14, 2, 16, JAXMPS_AVX512)
+// 14 x 16 floats: 14 zmm accumulators (enough independent FMAs to hide their latency), for
+// 16-column GEMMs that the 32-wide tile would compute half in vain.
+JAXMPS_TILE_ROWS(FloatNarrowAvx512, float, 14, 1, 16, JAXMPS_AVX512)
+// 6 x 16 floats: 12 ymm accumulators (of 16 registers).
+JAXMPS_TILE_ROWS(FloatAvx2, float, 6, 2, 8, JAXMPS_AVX2)
+// 12 x 8 floats: 12 ymm accumulators, for GEMMs of at most 8 columns.
+JAXMPS_TILE_ROWS(FloatNarrowAvx2, float, 12, 1, 8, JAXMPS_AVX2)
+// float64 is for checks, not speed: one tile per ISA and no row-pointer kernels.
+JAXMPS_TILE(DoubleAvx512, double, 12, 2, 8, JAXMPS_AVX512)
+JAXMPS_TILE(DoubleAvx2, double, 6, 2, 4, JAXMPS_AVX2)
 #endif  // JAXMPS_CONV_X86
 
-void DoublePortable(int64_t kc, const double* a, const double* b, double* c, int64_t ldc,
-                    bool accumulate) {
-  MicroKernelBody<double, 4, 2, 2>(kc, a, b, c, ldc, accumulate);
-}
+// 4 x 8 floats (4 x 4 doubles) in SSE2 (x86-64 baseline) or whatever the default target is.
+JAXMPS_TILE_ROWS(FloatPortable, float, 4, 2, 4, JAXMPS_DEFAULT_TARGET)
+JAXMPS_TILE(DoublePortable, double, 4, 2, 2, JAXMPS_DEFAULT_TARGET)
 
 enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -170,27 +148,42 @@ Isa DetectIsa() {
   return best;
 }
 
-}  // namespace
-
-const MicroKernel<float>& FloatMicroKernel() {
-  static const MicroKernel<float> kernel = [] {
-    switch (DetectIsa()) {
-#if JAXMPS_CONV_X86
-      case Isa::kAvx512:
-        return MicroKernel<float>{14, 32, FloatAvx512, FloatRowsAvx512, "avx512"};
-      case Isa::kAvx2: return MicroKernel<float>{6, 16, FloatAvx2, FloatRowsAvx2, "avx2"};
-#endif
-      default: return MicroKernel<float>{4, 8, FloatPortable, FloatRowsPortable, "portable"};
-    }
-  }();
-  return kernel;
+// Whether the half-width tile of full width `nr` suits a GEMM of `columns` columns.
+bool PreferNarrow(int64_t columns, int64_t nr) {
+  const int64_t tail = columns % nr;
+  return tail > 0 && tail <= nr / 2;
 }
 
-const MicroKernel<double>& DoubleMicroKernel() {
+}  // namespace
+
+const MicroKernel<float>& FloatMicroKernel(int64_t columns) {
+  static const Isa isa = DetectIsa();
+  switch (isa) {
+#if JAXMPS_CONV_X86
+    case Isa::kAvx512: {
+      static const MicroKernel<float> wide{14, 32, FloatAvx512, FloatAvx512Rows, "avx512"};
+      static const MicroKernel<float> narrow{14, 16, FloatNarrowAvx512, FloatNarrowAvx512Rows,
+                                             "avx512"};
+      return PreferNarrow(columns, wide.nr) ? narrow : wide;
+    }
+    case Isa::kAvx2: {
+      static const MicroKernel<float> wide{6, 16, FloatAvx2, FloatAvx2Rows, "avx2"};
+      static const MicroKernel<float> narrow{12, 8, FloatNarrowAvx2, FloatNarrowAvx2Rows, "avx2"};
+      return PreferNarrow(columns, wide.nr) ? narrow : wide;
+    }
+#endif
+    default: {
+      static const MicroKernel<float> portable{4, 8, FloatPortable, FloatPortableRows,
+                                               "portable"};
+      return portable;
+    }
+  }
+}
+
+const MicroKernel<double>& DoubleMicroKernel(int64_t /*columns*/) {
   static const MicroKernel<double> kernel = [] {
     switch (DetectIsa()) {
 #if JAXMPS_CONV_X86
-      // float64 is for checks, not speed: no row-pointer kernels (they need float rows).
       case Isa::kAvx512: return MicroKernel<double>{12, 16, DoubleAvx512, nullptr, "avx512"};
       case Isa::kAvx2: return MicroKernel<double>{6, 8, DoubleAvx2, nullptr, "avx2"};
 #endif

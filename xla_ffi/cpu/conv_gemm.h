@@ -10,11 +10,12 @@
 
 namespace jaxmps::cpu {
 
-// c[MR x NR] (row stride ldc) = (accumulate ? c : 0) + sum_k a[k][0..MR) x b[k][0..NR): `a` is
-// a packed A panel (kc x MR, k-major), `b` a packed B panel (kc x NR, k-major, 64-byte aligned).
+// c[MR x NR] (row stride ldc) = (accumulate ? c : 0) + sum_k a[k*lda + 0..MR) x b[k][0..NR):
+// `a` is an A panel, k-major with MR (or more: lda) elements per depth step (a packed panel
+// has lda = MR), `b` a packed B panel (kc x NR, k-major, 64-byte aligned).
 template <typename Acc>
-using MicroKernelFn = void (*)(int64_t kc, const Acc* a, const Acc* b, Acc* c, int64_t ldc,
-                               bool accumulate);
+using MicroKernelFn = void (*)(int64_t kc, const Acc* a, int64_t lda, const Acc* b, Acc* c,
+                               int64_t ldc, bool accumulate);
 
 // The same tile read straight from images through row pointers (no A packing): c[MR x NR] =
 // (accumulate ? c : 0) + sum_{t < taps} sum_{k < depth} rows[t*MR + r][k] * b[(t*depth + k)*NR
@@ -31,17 +32,20 @@ struct MicroKernel {
   const char* isa = "";
 };
 
-// The best micro-kernel this CPU runs (AVX-512 > AVX2+FMA > portable). The environment
-// variable JAXMPS_CONV_ISA=avx2|portable caps the choice (to test every variant on one host).
-const MicroKernel<float>& FloatMicroKernel();
-const MicroKernel<double>& DoubleMicroKernel();
+// The best micro-kernel this CPU runs (AVX-512 > AVX2+FMA > portable) for a GEMM of `columns`
+// output columns: a half-width tile (14x16 floats on AVX-512, 12x8 on AVX2) where the full
+// width would leave half of the last column panel idle (columns % NR in [1, NR/2]: the 16
+// output channels of small layers), the full-width tile otherwise. The environment variable
+// JAXMPS_CONV_ISA=avx2|portable caps the choice (to test every variant on one host).
+const MicroKernel<float>& FloatMicroKernel(int64_t columns);
+const MicroKernel<double>& DoubleMicroKernel(int64_t columns);
 
 template <typename Acc>
-inline const MicroKernel<Acc>& SelectMicroKernel() {
+inline const MicroKernel<Acc>& SelectMicroKernel(int64_t columns) {
   if constexpr (std::is_same_v<Acc, double>) {
-    return DoubleMicroKernel();
+    return DoubleMicroKernel(columns);
   } else {
-    return FloatMicroKernel();
+    return FloatMicroKernel(columns);
   }
 }
 
@@ -67,6 +71,18 @@ class AlignedBuffer {
   std::unique_ptr<T, Free> data_;
   size_t size_ = 0;
 };
+
+// The per-thread scratch buffers one work unit may hold at the same time.
+enum ScratchSlot : int { kPointerTable, kAPanels, kBPanels, kCBlock, kRowList };
+
+// Per-thread scratch of at least `count` elements, kept and reused by later work units and
+// calls on the same thread (small units would otherwise spend much of their time in malloc).
+template <typename T, ScratchSlot Slot>
+T* ThreadScratch(size_t count) {
+  static thread_local AlignedBuffer<T> buffer;
+  buffer.Resize(std::max<size_t>(count, 1));
+  return buffer.data();
+}
 
 inline int64_t RoundUp(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -117,7 +133,7 @@ void GemmPacked(const MicroKernel<Acc>& mk, int64_t m, int64_t n, int64_t k, con
     const bool acc = accumulate || k0 > 0;
     for (int64_t j0 = 0; j0 < n_pad; j0 += mk.nr) {
       for (int64_t i0 = 0; i0 < m_pad; i0 += mk.mr) {
-        mk.fn(kl, apack + i0 * kl, bblock + j0 * kl, c + i0 * ldc + j0, ldc, acc);
+        mk.fn(kl, apack + i0 * kl, mk.mr, bblock + j0 * kl, c + i0 * ldc + j0, ldc, acc);
       }
     }
   }

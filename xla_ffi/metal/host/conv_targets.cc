@@ -5,38 +5,15 @@
 #include <string_view>
 
 #include "handler_common.h"
+#include "jaxmps/conv_attrs.h"
 
 namespace jaxmps::metal {
-
-// The attributes of each kernel (KERNELS.md "Convolution family"): the geometry plus the size
-// of the kernel's image or weights output (output_h/w, input_h/w or kernel_h/w at the FFI
-// boundary). Kind only makes the three attribute sets distinct types.
-template <int Kind>
-struct ConvAttrs {
-  int64_t stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, groups, channels_last;
-  int64_t size_h, size_w;
-};
-using ConvForwardAttrs = ConvAttrs<0>;
-using ConvDataGradientAttrs = ConvAttrs<1>;
-using ConvWeightsGradientAttrs = ConvAttrs<2>;
-
 namespace {
 
-// Positive strides, dilation, groups and sizes; geometry small enough for the kernels' int32.
+// The shared geometry checks, plus a geometry small enough for the kernels' int32.
 template <int Kind>
 ffi::Error CheckGeometry(std::string_view op, const ConvAttrs<Kind>& a) {
-  if (a.stride_h < 1 || a.stride_w < 1) {
-    return InvalidArgument(op, "strides must be positive, got (", a.stride_h, ", ", a.stride_w,
-                           ")");
-  }
-  if (a.dilation_h < 1 || a.dilation_w < 1) {
-    return InvalidArgument(op, "dilation must be positive, got (", a.dilation_h, ", ",
-                           a.dilation_w, ")");
-  }
-  if (a.groups < 1) return InvalidArgument(op, "groups must be positive, got ", a.groups);
-  if (a.size_h < 1 || a.size_w < 1) {
-    return InvalidArgument(op, "output size must be positive, got ", a.size_h, "x", a.size_w);
-  }
+  JAXMPS_RETURN_IF_ERROR(CheckConvGeometry(op, a));
   constexpr int64_t kLimit = int64_t(1) << 30;
   for (int64_t v : {a.stride_h, a.stride_w, a.dilation_h, a.dilation_w, a.pad_top, a.pad_left,
                     a.size_h, a.size_w}) {
@@ -77,11 +54,7 @@ template <int Kind>
 ffi::Error MakeConv(std::string_view op, const ConvAttrs<Kind>& a, const ImageGeometry& x,
                     const ImageGeometry& y, int64_t kh, int64_t kw, int64_t ig,
                     ConvParams* p) {
-  if (x.c % a.groups || y.c % a.groups || ig * a.groups != x.c) {
-    return InvalidArgument(op, "groups (", a.groups, ") must divide the input channels (", x.c,
-                           ") and output channels (", y.c, ") with weights of I/groups = ", ig,
-                           " channels");
-  }
+  JAXMPS_RETURN_IF_ERROR(CheckConvChannels(op, a.groups, x.c, y.c, ig));
   if (uint64_t(y.c) * kh * kw * ig + y.c > kMaxElements) {
     return InvalidArgument(op, "weights must have fewer than 2^31 elements on the Metal backend");
   }
@@ -164,35 +137,14 @@ ffi::Error WeightsGradient(ConvWeightsGradientAttrs a, ffi::AnyBuffer dy, ffi::A
 }  // namespace
 }  // namespace jaxmps::metal
 
-// ---- attribute decoding and registration -----------------------------------------------------
-
-#define JAXMPS_METAL_CONV_GEOMETRY                                                        \
-  ::xla::ffi::StructMember<int64_t>("stride_h"), ::xla::ffi::StructMember<int64_t>("stride_w"), \
-      ::xla::ffi::StructMember<int64_t>("dilation_h"),                                    \
-      ::xla::ffi::StructMember<int64_t>("dilation_w"),                                    \
-      ::xla::ffi::StructMember<int64_t>("pad_top"),                                       \
-      ::xla::ffi::StructMember<int64_t>("pad_left"),                                      \
-      ::xla::ffi::StructMember<int64_t>("groups"),                                        \
-      ::xla::ffi::StructMember<int64_t>("channels_last")
-
-XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jaxmps::metal::ConvForwardAttrs, JAXMPS_METAL_CONV_GEOMETRY,
-                                      ::xla::ffi::StructMember<int64_t>("output_h"),
-                                      ::xla::ffi::StructMember<int64_t>("output_w"));
-XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jaxmps::metal::ConvDataGradientAttrs,
-                                      JAXMPS_METAL_CONV_GEOMETRY,
-                                      ::xla::ffi::StructMember<int64_t>("input_h"),
-                                      ::xla::ffi::StructMember<int64_t>("input_w"));
-XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jaxmps::metal::ConvWeightsGradientAttrs,
-                                      JAXMPS_METAL_CONV_GEOMETRY,
-                                      ::xla::ffi::StructMember<int64_t>("kernel_h"),
-                                      ::xla::ffi::StructMember<int64_t>("kernel_w"));
+// ---- registration (attribute decoding: jaxmps/conv_attrs.h) ------------------------------------
 
 namespace ffi = xla::ffi;
 
 JAXMPS_FFI_TARGET(JAXMPS_METAL_TARGET("conv2d_forward"), JaxmpsConv2dForwardMetal,
                   jaxmps::metal::Forward,
                   ffi::Ffi::Bind()
-                      .Attrs<jaxmps::metal::ConvForwardAttrs>()  // geometry, output_h, output_w
+                      .Attrs<jaxmps::ConvForwardAttrs>()  // geometry, output_h, output_w
                       .Arg<ffi::AnyBuffer>()      // x: (N, H, W, I) or (N, I, H, W)
                       .Arg<ffi::AnyBuffer>()      // weights: (O, KH, KW, I/G), float32
                       .Arg<ffi::AnyBuffer>()      // bias: (O,), float32
@@ -201,7 +153,7 @@ JAXMPS_FFI_TARGET(JAXMPS_METAL_TARGET("conv2d_forward"), JaxmpsConv2dForwardMeta
 JAXMPS_FFI_TARGET(JAXMPS_METAL_TARGET("conv2d_data_gradient"), JaxmpsConv2dDataGradientMetal,
                   jaxmps::metal::DataGradient,
                   ffi::Ffi::Bind()
-                      .Attrs<jaxmps::metal::ConvDataGradientAttrs>()  // geometry, input_h/w
+                      .Attrs<jaxmps::ConvDataGradientAttrs>()  // geometry, input_h/w
                       .Arg<ffi::AnyBuffer>()      // dy: (N, OH, OW, O) or (N, O, OH, OW)
                       .Arg<ffi::AnyBuffer>()      // weights: (O, KH, KW, I/G), float32
                       .Ret<ffi::AnyBuffer>());    // dx: (N, H, W, I) or (N, I, H, W)
@@ -209,7 +161,7 @@ JAXMPS_FFI_TARGET(JAXMPS_METAL_TARGET("conv2d_data_gradient"), JaxmpsConv2dDataG
 JAXMPS_FFI_TARGET(JAXMPS_METAL_TARGET("conv2d_weights_gradient"),
                   JaxmpsConv2dWeightsGradientMetal, jaxmps::metal::WeightsGradient,
                   ffi::Ffi::Bind()
-                      .Attrs<jaxmps::metal::ConvWeightsGradientAttrs>()  // geometry, kernel_h/w
+                      .Attrs<jaxmps::ConvWeightsGradientAttrs>()  // geometry, kernel_h/w
                       .Arg<ffi::AnyBuffer>()      // dy: (N, OH, OW, O) or (N, O, OH, OW)
                       .Arg<ffi::AnyBuffer>()      // x: (N, H, W, I) or (N, I, H, W)
                       .Ret<ffi::AnyBuffer>()      // dweights: (O, KH, KW, I/G), float32
