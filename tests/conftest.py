@@ -13,6 +13,9 @@ import pytest
 from jaxmps._src import ffi
 
 PLATFORM = jax.default_backend()  # "cpu" or "gpu"
+# Full float32 matmul/convolution precision for every reference computed in the tests (XLA on
+# GPUs defaults to TF32, which would hide or fake differences of 1e-3).
+jax.config.update("jax_default_matmul_precision", "highest")
 FFI_PLATFORM = "cuda" if PLATFORM == "gpu" else PLATFORM
 
 

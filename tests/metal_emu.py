@@ -89,7 +89,15 @@ class Emulator:
         if out_types is None:
             out_types = jax.eval_shape(lambda *a: kernel.call_reference(*a, **params), *args)
         call = jax.ffi.ffi_call(self.targets[kernel.target], out_types)
-        return call(*args, **ffi_attributes(params))
+        return on_host(call, *args, **ffi_attributes(params))
+
+
+def on_host(fn, *args, **kwargs):
+    """Runs `fn` on the CPU device: the emulator's handlers are registered for XLA:CPU, also
+    when the default device is a GPU."""
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        return fn(*[jax.device_put(a, cpu) for a in args], **kwargs)
 
 
 _EMULATOR: Optional[Emulator] = None
