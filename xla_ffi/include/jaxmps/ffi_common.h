@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <sstream>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -20,12 +19,24 @@ namespace ffi = xla::ffi;
 // Errors. Every message starts with "jaxmps.<op>:" so a user can tell which op rejected what.
 // ---------------------------------------------------------------------------------------------
 
+// Message parts are appended without iostreams: a library linked with a static libstdc++ (the
+// GPU host's gcc 13 toolchain does this) crashed formatting through std::ostringstream.
+inline void MessagePart(std::string& out, std::string_view s) { out.append(s); }
+inline void MessagePart(std::string& out, const char* s) { out.append(s); }
+inline void MessagePart(std::string& out, const std::string& s) { out.append(s); }
+inline void MessagePart(std::string& out, char c) { out.push_back(c); }
+template <typename N, std::enable_if_t<std::is_arithmetic_v<N>, int> = 0>
+inline void MessagePart(std::string& out, N n) {
+  out += std::to_string(n);
+}
+
 template <typename... Parts>
 std::string Message(std::string_view op, const Parts&... parts) {
-  std::ostringstream out;
-  out << "jaxmps." << op << ": ";
-  (out << ... << parts);
-  return out.str();
+  std::string out = "jaxmps.";
+  out.append(op);
+  out.append(": ");
+  (MessagePart(out, parts), ...);
+  return out;
 }
 
 template <typename... Parts>
@@ -47,11 +58,10 @@ ffi::Error Internal(std::string_view op, const Parts&... parts) {
   } while (0)
 
 inline std::string ShapeString(ffi::Span<const int64_t> dims) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < dims.size(); ++i) out << (i ? ", " : "") << dims[i];
-  out << (dims.size() == 1 ? ",)" : ")");
-  return out.str();
+  std::string out = "(";
+  for (size_t i = 0; i < dims.size(); ++i) out += (i ? ", " : "") + std::to_string(dims[i]);
+  out += dims.size() == 1 ? ",)" : ")";
+  return out;
 }
 
 inline std::string_view DtypeName(ffi::DataType t) {

@@ -1,0 +1,102 @@
+"""The CUDA kernels' own source, run on the host by the CUDA emulator (libjaxmps_cuda_emu,
+xla_ffi/cuda/emulator: threads, barriers and warp shuffles emulated), against the jnp reference:
+every normalization kernel, both layouts, the fused and the chunked statistics paths, window
+sizes around the tile halos. Lets GPU-less CI check the CUDA kernel logic; the GPU run
+(scripts/gpu_run.sh) checks the real thing."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close
+from jaxmps._src import ffi
+from jaxmps._src.kernel import Kernel, ffi_attributes
+from jaxmps._src.samples import ALL_OPS, WINDOW_OPS, kernel_calls
+from test_norm_native import _image
+
+SUFFIX = "_cuda_emu"
+_TARGETS: Dict[str, str] = {}
+
+
+def _targets() -> Dict[str, str]:
+    """Registers the emulator's handlers for XLA:CPU once; skips (fails when native kernels
+    are required) if the library was not built."""
+    if not _TARGETS:
+        path = ffi._library_path("jaxmps_cuda_emu")
+        if path is None:
+            message = "libjaxmps_cuda_emu was not built (needs the CUDA headers)"
+            if os.environ.get("JAXMPS_REQUIRE_NATIVE") == "1":
+                pytest.fail(message)
+            pytest.skip(message)
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        lib.jaxmps_target_name.restype = ctypes.c_char_p
+        lib.jaxmps_target_handler.restype = ctypes.c_void_p
+        for i in range(lib.jaxmps_target_count()):
+            name = lib.jaxmps_target_name(i).decode()
+            handler = ctypes.c_void_p(lib.jaxmps_target_handler(i))
+            jax.ffi.register_ffi_target(name + SUFFIX, jax.ffi.pycapsule(handler),
+                                        platform="cpu")
+            _TARGETS[name] = name + SUFFIX
+        _TARGETS["_lib"] = lib  # keep it loaded
+    return _TARGETS
+
+
+def _run(kernel: Kernel, args, params):
+    out_types = jax.eval_shape(lambda *a: kernel.call_reference(*a, **params), *args)
+    call = jax.ffi.ffi_call(_targets()[kernel.target], out_types)
+    with jax.default_device(jax.devices("cpu")[0]):
+        return call(*args, **ffi_attributes(params))
+
+
+def _compare(op, x, channels_last, window, dtype, scale=1.0):
+    for kernel, args, params in kernel_calls(op, x, channels_last, window):
+        got = _run(kernel, args, params)
+        expected = kernel.call_reference(*args, **params)
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert g.shape == e.shape and g.dtype == e.dtype, (kernel.name, i)
+            assert_close(g, e, dtype, scale, err_msg=f"{kernel.name} output {i}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_small_images(request, op, channels_last, dtype):
+    """C = 6 (2-wide vectors, a partial channel block), odd spatial sizes."""
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    x = _image((2, 5, 7, 6), dtype, channels_last)
+    _compare(op, x, channels_last, (3, 2), dtype, scale=2.0 if dtype == "float32" else 1.0)
+
+
+# (N, H, W, C) of groups too large for one CTA's shared memory (227 KiB): partial sums,
+# finalize, reverse apply (more than 58K float32 elements per channel even one channel wide).
+CHUNKED = {True: (1, 256, 240, 4), False: (1, 256, 260, 2)}
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("op", ["instance_norm", "batch_norm"])
+def test_statistics_chunked_path(op, channels_last):
+    x = _image(CHUNKED[channels_last], "float32", channels_last, seed=1) * 4.0 + 10.0
+    _compare(op, x, channels_last, (3, 3), "float32", scale=5.0)
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("window", [(1, 1), (2, 5), (4, 3), (9, 8)], ids=str)
+@pytest.mark.parametrize("op", WINDOW_OPS)
+def test_window_sizes_across_tiles(op, window, channels_last):
+    """Images spanning several tiles in every direction, odd/even/rectangular windows."""
+    x = _image((1, 19, 37, 10), "float32", channels_last, seed=2)
+    _compare(op, x, channels_last, window, "float32", scale=2.0)
+
+
+def test_window_global_work_area():
+    """A window whose halo does not fit in shared memory runs from global scratch."""
+    x = _image((1, 9, 8, 3), "float32", True, seed=3)
+    _compare("spatial_norm", x, True, (120, 110), "float32", scale=2.0)

@@ -1,0 +1,285 @@
+// CUDA backend foundations shared by every .cu: storage types for the DispatchFloat tags,
+// vector loads/stores, launch-error and scratch helpers returning ffi::Error, device limits.
+#pragma once
+
+#ifdef JAXMPS_CUDA_EMU
+#include "emulator/cuda_emu.h"  // the same kernels on host threads (tests without a GPU)
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <type_traits>
+
+#include "jaxmps/ffi_common.h"
+
+#ifdef JAXMPS_CUDA_EMU
+// The emulator runs the handlers as XLA:CPU custom calls, which have no stream: decode one as
+// null instead of asking XLA for it.
+template <>
+struct xla::ffi::CtxDecoding<xla::ffi::PlatformStream<cudaStream_t>> {
+  using Type = cudaStream_t;
+  static std::optional<Type> Decode(const XLA_FFI_Api*, XLA_FFI_ExecutionContext*,
+                                    DiagnosticEngine&) {
+    return nullptr;
+  }
+};
+#endif
+
+namespace jaxmps::cuda {
+
+// ---- storage and accumulation types ---------------------------------------------------------
+
+template <ffi::DataType dt>
+struct Storage;
+template <>
+struct Storage<ffi::DataType::F16> {
+  using type = __half;
+};
+template <>
+struct Storage<ffi::DataType::BF16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct Storage<ffi::DataType::F32> {
+  using type = float;
+};
+template <>
+struct Storage<ffi::DataType::F64> {
+  using type = double;
+};
+
+// T: element type in memory; Acc: arithmetic type (float32, float64 for float64 data), which
+// is also the type of parameters and statistics (ParamDtype).
+template <typename Tag>
+struct Types {
+  using T = typename Storage<Tag::value>::type;
+  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+};
+
+__device__ __forceinline__ float ToAcc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float ToAcc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ToAcc(float v) { return v; }
+__device__ __forceinline__ double ToAcc(double v) { return v; }
+
+template <typename T, typename A>
+__device__ __forceinline__ T FromAcc(A v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(static_cast<float>(v));
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(static_cast<float>(v));
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+// x^-p. For float, positive finite x (the common case: delta > 0) takes exp2(-p*log2 x);
+// everything else (0, negative bases with integer p, inf, NaN) goes through powf so edge
+// cases match jnp.power.
+template <typename A>
+__device__ __forceinline__ A PowNeg(A x, A p) {
+  if constexpr (std::is_same_v<A, double>) {
+    return pow(x, -p);
+  } else {
+    if (x > 0.f && x < INFINITY) return exp2f(-p * log2f(x));
+    return powf(x, -p);
+  }
+}
+
+// ---- vectors: V consecutive elements moved with one 2/4/8/16-byte access ---------------------
+
+template <int Bytes>
+struct RawWord;
+template <>
+struct RawWord<2> {
+  using type = unsigned short;
+};
+template <>
+struct RawWord<4> {
+  using type = unsigned int;
+};
+template <>
+struct RawWord<8> {
+  using type = uint2;
+};
+template <>
+struct RawWord<16> {
+  using type = uint4;
+};
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> LoadVec(const T* p) {
+  using R = typename RawWord<sizeof(T) * V>::type;
+  R raw = __ldg(reinterpret_cast<const R*>(p));
+  Vec<T, V> out;
+  memcpy(&out, &raw, sizeof(raw));
+  return out;
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void StoreVec(T* p, const Vec<T, V>& value) {
+  using R = typename RawWord<sizeof(T) * V>::type;
+  R raw;
+  memcpy(&raw, &value, sizeof(raw));
+  *reinterpret_cast<R*>(p) = raw;
+}
+
+// The widest vector (in elements, at most 16 bytes) whose width divides `extent` and whose
+// accesses stay aligned at every listed base pointer.
+template <typename T>
+inline int VectorWidth(int64_t extent, std::initializer_list<const void*> bases) {
+  int v = 16 / int(sizeof(T));
+  for (; v > 1; v /= 2) {
+    bool ok = extent % v == 0;
+    for (const void* p : bases) ok = ok && reinterpret_cast<uintptr_t>(p) % (v * sizeof(T)) == 0;
+    if (ok) break;
+  }
+  return v;
+}
+
+// Calls f(std::integral_constant<int, V>) for the runtime width v (a power of two, <= 16 bytes).
+template <typename T, typename F>
+ffi::Error DispatchVector(int v, F&& f) {
+  switch (v) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4:
+      if constexpr (sizeof(T) * 4 <= 16) return f(std::integral_constant<int, 4>{});
+      break;
+    case 8:
+      if constexpr (sizeof(T) * 8 <= 16) return f(std::integral_constant<int, 8>{});
+      break;
+  }
+  return ffi::Error(ffi::ErrorCode::kInternal, "jaxmps: unsupported CUDA vector width");
+}
+
+// Dynamic shared memory of a kernel (one declaration per kernel).
+#ifdef JAXMPS_CUDA_EMU
+#define JAXMPS_DYNAMIC_SHARED(name) unsigned char* name = ::jaxmps::cuda::emu::DynamicShared()
+#else
+#define JAXMPS_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+// ---- host-side helpers -----------------------------------------------------------------------
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t CeilPow2(int64_t v) {
+  int64_t r = 1;
+  while (r < v) r *= 2;
+  return r;
+}
+
+// Reports the last launch error (or an earlier asynchronous failure) as an FFI error.
+inline ffi::Error LaunchError(std::string_view op, std::string_view what) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    return Internal(op, "CUDA launch of ", what, " failed: ", cudaGetErrorName(err), ": ",
+                    cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
+// Grid size for a 1-d launch of `blocks` blocks (CUDA allows up to 2^31 - 1 in x).
+inline ffi::Error CheckGrid(std::string_view op, int64_t blocks) {
+  if (blocks > int64_t(0x7fffffff)) {
+    return InvalidArgument(op, "input too large for one CUDA launch (", blocks, " blocks)");
+  }
+  return ffi::Error::Success();
+}
+
+// kernel<<<blocks, threads, smem, stream>>>(args...), then the launch error as an FFI error.
+template <typename... Params, typename... Args>
+ffi::Error Launch(std::string_view op, std::string_view what, void (*kernel)(Params...),
+                  int64_t blocks, int threads, int64_t smem, cudaStream_t stream,
+                  Args&&... args) {
+  JAXMPS_RETURN_IF_ERROR(CheckGrid(op, blocks));
+  if (blocks == 0) return ffi::Error::Success();
+#ifdef JAXMPS_CUDA_EMU
+  (void)stream;
+  emu::Launch(kernel, blocks, threads, smem, std::forward<Args>(args)...);
+#else
+  kernel<<<unsigned(blocks), threads, size_t(smem), stream>>>(std::forward<Args>(args)...);
+#endif
+  return LaunchError(op, what);
+}
+
+// Typed device workspace from XLA's scratch allocator (freed when the handler returns; XLA's
+// allocator orders reuse after the work queued on this stream).
+template <typename U>
+ffi::Error AllocateScratch(ffi::ScratchAllocator& scratch, std::string_view op, int64_t count,
+                           U** out) {
+  if (count <= 0) {
+    *out = nullptr;
+    return ffi::Error::Success();
+  }
+#ifdef JAXMPS_CUDA_EMU
+  // XLA:CPU has no device allocator; the emulator's scratch lives until the process ends.
+  (void)scratch, (void)op;
+  *out = static_cast<U*>(::operator new(size_t(count) * sizeof(U), std::align_val_t(16)));
+  return ffi::Error::Success();
+#endif
+  // XLA accepts alignments up to 16 bytes here (its allocator hands out 256-byte aligned
+  // blocks anyway); asking for more fails the allocation.
+  auto mem = scratch.Allocate(size_t(count) * sizeof(U), 16);
+  if (!mem.has_value()) {
+    return Internal(op, "could not allocate ", count * int64_t(sizeof(U)),
+                    " bytes of CUDA scratch memory");
+  }
+  *out = static_cast<U*>(*mem);
+  return ffi::Error::Success();
+}
+
+struct DeviceLimits {
+  int sm_count = 0;
+  int64_t max_smem_per_block = 48 << 10;  // with the opt-in attribute set on the kernel
+};
+
+// Limits of the current device (the one whose context XLA made current), cached per ordinal.
+inline ffi::Error CurrentDeviceLimits(std::string_view op, DeviceLimits* out) {
+  static std::mutex mu;
+  static DeviceLimits cache[64];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess || device < 0 || device >= 64) {
+    return Internal(op, "cannot query the current CUDA device: ", cudaGetErrorString(err));
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  DeviceLimits& d = cache[device];
+  if (d.sm_count == 0) {
+    int sms = 0, smem = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+            cudaSuccess) {
+      return Internal(op, "cannot query CUDA device attributes: ",
+                      cudaGetErrorString(cudaGetLastError()));
+    }
+    d.sm_count = sms;
+    d.max_smem_per_block = smem;
+  }
+  *out = d;
+  return ffi::Error::Success();
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory (beyond the default 48 KiB).
+template <typename Kernel>
+ffi::Error AllowSharedMemory(std::string_view op, Kernel kernel, int64_t bytes) {
+  if (bytes <= (48 << 10)) return ffi::Error::Success();
+  cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err != cudaSuccess) {
+    return Internal(op, "cannot raise the shared-memory limit to ", bytes,
+                    " bytes: ", cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace jaxmps::cuda

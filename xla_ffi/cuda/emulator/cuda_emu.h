@@ -1,0 +1,126 @@
+// Host emulation of the CUDA features the jaxmps CUDA kernels use (thread indices, barriers,
+// warp shuffles, dynamic shared memory, launches, the few runtime calls), so the very same
+// kernel sources can be checked against the reference on a machine without a GPU.
+#pragma once
+
+// The half types' headers (host-usable) come first: they must not see the macros below.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+// ---- kernel-language keywords (replacing the CUDA headers' host-compiler definitions) --------
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __align__
+#undef __shared__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __align__(n) alignas(n)
+#define __shared__
+
+using std::sqrt;
+using std::pow;
+
+// CUDA's device min/max (by value; both operands converted to their common type).
+template <typename A, typename B>
+inline std::common_type_t<A, B> min(A a, B b) {
+  return a < b ? a : b;
+}
+template <typename A, typename B>
+inline std::common_type_t<A, B> max(A a, B b) {
+  return a < b ? b : a;
+}
+inline int __ffs(int v) { return __builtin_ffs(v); }
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
+// ---- runtime API: the real declarations, defined by cuda_emu.cc --------------------------------
+#include <cuda_runtime_api.h>
+
+namespace jaxmps::cuda::emu {
+
+struct Index {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local Index thread_idx, block_idx, block_dim, grid_dim;
+
+// What the threads of one block share: barriers, the shuffle mailbox, shared memory.
+struct Block {
+  explicit Block(int threads, int64_t smem)
+      : sync(threads), shared(size_t(smem) + 16), mailbox(threads) {
+    for (int w = 0; w < (threads + 31) / 32; ++w)
+      warps.push_back(std::make_unique<std::barrier<>>(std::min(32, threads - 32 * w)));
+  }
+  std::barrier<> sync;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<unsigned char> shared;
+  std::vector<uint64_t> mailbox;
+};
+inline thread_local Block* block = nullptr;
+
+inline unsigned char* DynamicShared() {
+  auto p = reinterpret_cast<uintptr_t>(block->shared.data());
+  return reinterpret_cast<unsigned char*>((p + 15) & ~uintptr_t(15));
+}
+
+template <typename T>
+T ShuffleXor(T v, int offset) {
+  static_assert(sizeof(T) <= sizeof(uint64_t));
+  const unsigned t = thread_idx.x, warp = t / 32, lane = t % 32;
+  std::memcpy(&block->mailbox[t], &v, sizeof(T));
+  block->warps[warp]->arrive_and_wait();
+  T r;
+  std::memcpy(&r, &block->mailbox[warp * 32 + (lane ^ unsigned(offset))], sizeof(T));
+  block->warps[warp]->arrive_and_wait();
+  return r;
+}
+
+// Runs kernel(args...) over `blocks` blocks of `threads` threads, one block at a time.
+template <typename... Params, typename... Args>
+void Launch(void (*kernel)(Params...), int64_t blocks, int threads, int64_t smem,
+            Args&&... args) {
+  std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+  for (int64_t b = 0; b < blocks; ++b) {
+    Block state(threads, smem);
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        thread_idx = {unsigned(t), 0, 0};
+        block_idx = {unsigned(b), 0, 0};
+        block_dim = {unsigned(threads), 1, 1};
+        grid_dim = {unsigned(blocks), 1, 1};
+        block = &state;
+        std::apply(kernel, params);
+      });
+    }
+    for (auto& th : pool) th.join();
+  }
+}
+
+}  // namespace jaxmps::cuda::emu
+
+#define threadIdx (::jaxmps::cuda::emu::thread_idx)
+#define blockIdx (::jaxmps::cuda::emu::block_idx)
+#define blockDim (::jaxmps::cuda::emu::block_dim)
+#define gridDim (::jaxmps::cuda::emu::grid_dim)
+#define __syncthreads() (::jaxmps::cuda::emu::block->sync.arrive_and_wait())
+#define __shfl_xor_sync(mask, value, offset) (::jaxmps::cuda::emu::ShuffleXor((value), (offset)))
