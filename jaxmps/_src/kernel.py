@@ -55,10 +55,15 @@ class Kernel:
       reference: ``reference(*args, **params_without_implementation) -> tuple of arrays``.
       shapes: ``shapes(*avals, **params) -> tuple of jax.core.ShapedArray`` for the outputs.
       batch: ``batch(kernel, args, dims, **params) -> (outs, out_dims)`` (see fold helpers).
+      xla_native: platforms where XLA's own lowering of the reference *is* the native
+        implementation (chosen by measurement, e.g. cuDNN convolution on "cuda"): there
+        ``implementation="native"`` lowers to it instead of raising.
     """
 
-    def __init__(self, name: str, *, reference: Callable, shapes: Callable, batch: Callable):
+    def __init__(self, name: str, *, reference: Callable, shapes: Callable, batch: Callable,
+                 xla_native: Tuple[str, ...] = ()):
         self.name = name
+        self.xla_native = tuple(xla_native)
         self.target = f"jaxmps_{name}"
         self.reference = reference
         self.primitive = p = Primitive(self.target)
@@ -92,7 +97,7 @@ class Kernel:
                   else None)
         if target is not None:
             return jax.ffi.ffi_lowering(target)(ctx, *args, **ffi_attributes(params))
-        if implementation == "native":
+        if implementation == "native" and platform not in self.xla_native:
             where = platform or "this platform"
             raise NotImplementedError(
                 f"jaxmps.{self.name}: implementation='native' but no native kernel is available"

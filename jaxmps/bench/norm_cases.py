@@ -64,9 +64,10 @@ def _torch_impl(op, mode, x_np, channels_last, device, dtype, dy_np):
     import torch
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
               "float16": torch.float16}[dtype]
-    x = torch.tensor(x_np, dtype=torch.float32)
-    if channels_last:
-        x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    # x_np is NHWC; PyTorch's logical layout is NCHW, stored channels-last for NHWC cases.
+    x = torch.tensor(x_np, dtype=torch.float32).permute(0, 3, 1, 2)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last
+                     else torch.contiguous_format)
     x = x.to(device=device, dtype=tdtype)
     c = x.shape[1]
     g = torch.ones(c, device=device, dtype=tdtype, requires_grad=True)
@@ -78,7 +79,7 @@ def _torch_impl(op, mode, x_np, channels_last, device, dtype, dy_np):
                 return fn(x, g, b)
         return run
     xg = x.detach().requires_grad_(True)
-    dy = torch.tensor(dy_np, dtype=torch.float32)
+    dy = torch.tensor(dy_np, dtype=torch.float32)  # laid out like the case's x
     if channels_last:
         dy = dy.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     dy = dy.to(device=device, dtype=tdtype)
@@ -121,7 +122,7 @@ def cases(shape: Sequence[int], dtypes: Sequence[str], layouts: Sequence[str],
                                 _, vjp = jax.vjp(lambda v: f(v, g, b), x)
                                 return vjp(dy)[0]
                             fn = jax.jit(fb)
-                        impls[impl] = (lambda fn=fn: fn(x, g, b, dy))
+                        impls[impl] = (lambda fn=fn, x=x, g=g, b=b, dy=dy: fn(x, g, b, dy))
                     if with_torch:
                         try:
                             import torch  # noqa: F401
