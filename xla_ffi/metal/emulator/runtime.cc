@@ -13,7 +13,22 @@
 #include <mutex>
 #include <numeric>
 #include <random>
-#include <sstream>
+
+
+namespace {
+// Formats without iostreams: a library linked with a static libstdc++ (gcc 13 on the GPU host)
+// crashed inside std::ostringstream.
+inline void Append(std::string& out, const std::string& s) { out += s; }
+inline void Append(std::string& out, const char* s) { out += s; }
+template <typename N, std::enable_if_t<std::is_arithmetic_v<N>, int> = 0>
+inline void Append(std::string& out, N n) { out += std::to_string(n); }
+template <typename... Parts>
+std::string Concat(const Parts&... parts) {
+  std::string out;
+  (Append(out, parts), ...);
+  return out;
+}
+}  // namespace
 
 namespace jaxmps::metal_emu {
 
@@ -128,9 +143,8 @@ void Block(State state, const char* file, uint32_t line) {
 }
 
 std::string Where(const Fiber& f) {
-  std::ostringstream out;
-  out << "thread " << f.ids.thread_index << " at " << f.wait_file << ":" << f.wait_line;
-  return out.str();
+  return Concat("thread ", f.ids.thread_index, " at ", f.wait_file ? f.wait_file : "?", ":",
+                f.wait_line);
 }
 
 // Releases SIMD-group `group` if every lane of it that has not returned waits in the same
@@ -221,59 +235,50 @@ std::string RunGroup(GroupRun& run, const FiberStacks& stacks, const std::vector
       for (Fiber& f : run.fibers) f.state = State::kReady;
       continue;
     }
-    std::ostringstream out;
-    out << "deadlock: of " << run.fibers.size() << " threads, " << at_barrier
-        << " wait at a threadgroup barrier";
-    if (first_waiting) out << " (" << Where(*first_waiting) << ")";
-    out << ", " << done << " returned and " << (run.fibers.size() - at_barrier - done)
-        << " wait in a SIMD-group function; a barrier must be reached by every thread of "
-        << "the threadgroup";
-    return out.str();
+    return Concat("deadlock: of ", run.fibers.size(), " threads, ", at_barrier,
+                  " wait at a threadgroup barrier",
+                  first_waiting ? " (" + Where(*first_waiting) + ")" : std::string(), ", ", done,
+                  " returned and ", run.fibers.size() - at_barrier - done,
+                  " wait in a SIMD-group function; a barrier must be reached by every thread "
+                  "of the threadgroup");
   }
 }
 
 uint32_t Volume(const uint3& v) { return v.x * v.y * v.z; }
 
 std::string CheckBindings(const KernelEntry& kernel, const LaunchConfig& c) {
-  std::ostringstream out;
   const size_t nb = c.buffers.size(), nt = c.threadgroup_bytes.size();
   if (nb + nt != kernel.params.size()) {
-    out << kernel.name << " has " << kernel.params.size() << " buffer/threadgroup parameters, "
-        << "the launch binds " << nb << " buffers and " << nt << " threadgroup allocations";
-    return out.str();
+    return Concat(kernel.name, " has ", kernel.params.size(), " buffer/threadgroup parameters, ",
+                  "the launch binds ", nb, " buffers and ", nt, " threadgroup allocations");
   }
   if (c.buffer_bytes.size() != nb) return "buffer_bytes must give one size per buffer";
   for (size_t i = 0; i < nb; ++i) {
     const ParamInfo& p = kernel.params[i];
     if (!p.is_pointer && c.buffer_bytes[i] != p.value_bytes) {
-      out << kernel.name << ": buffer(" << i << ") is a " << p.value_bytes
-          << "-byte constant struct, the launch binds " << c.buffer_bytes[i] << " bytes";
-      return out.str();
+      return Concat(kernel.name, ": buffer(", i, ") is a ", p.value_bytes,
+                    "-byte constant struct, the launch binds ", c.buffer_bytes[i], " bytes");
     }
     if (!p.is_pointer && c.buffers[i] == nullptr) {
-      out << kernel.name << ": buffer(" << i << ") is not bound";
-      return out.str();
+      return Concat(kernel.name, ": buffer(", i, ") is not bound");
     }
   }
   uint64_t total = 0;
   for (size_t i = 0; i < nt; ++i) {
     if (!kernel.params[nb + i].is_pointer) {
-      out << kernel.name << ": threadgroup(" << i << ") must be a pointer parameter";
-      return out.str();
+      return Concat(kernel.name, ": threadgroup(", i, ") must be a pointer parameter");
     }
     // Metal requires threadgroup memory lengths in multiples of 16 bytes.
     if (c.threadgroup_bytes[i] % 16 != 0) {
-      out << kernel.name << ": threadgroup(" << i << ") length " << c.threadgroup_bytes[i]
-          << " is not a multiple of 16 bytes";
-      return out.str();
+      return Concat(kernel.name, ": threadgroup(", i, ") length ", c.threadgroup_bytes[i],
+                    " is not a multiple of 16 bytes");
     }
     total += c.threadgroup_bytes[i];
   }
   if (total > 32 * 1024) return kernel.name + ": more than 32 KiB of threadgroup memory";
   const uint32_t threads = Volume(c.threads);
   if (threads == 0 || threads > 1024) {
-    out << kernel.name << ": " << threads << " threads per threadgroup (Metal allows 1..1024)";
-    return out.str();
+    return Concat(kernel.name, ": ", threads, " threads per threadgroup (Metal allows 1..1024)");
   }
   return "";
 }
@@ -360,10 +365,8 @@ std::string Launch(const KernelEntry& kernel, const LaunchConfig& c) {
     }
     error = RunGroup(run, stacks, order, rng, opts.schedule);
     if (!error.empty()) {
-      std::ostringstream out;
-      out << kernel.name << ", threadgroup (" << gpos.x << ", " << gpos.y << ", " << gpos.z
-          << "): " << error;
-      error = out.str();
+      error = Concat(kernel.name, ", threadgroup (", gpos.x, ", ", gpos.y, ", ", gpos.z,
+                     "): ", error);
       break;
     }
   }
