@@ -9,16 +9,6 @@ namespace {
 
 constexpr std::string_view kOp = "batch_norm";
 
-ffi::Error CheckChannelParams(const ImageShape& s, ffi::DataType data,
-                              std::initializer_list<std::pair<std::string_view,
-                                                              const ffi::AnyBuffer*>> params) {
-  for (auto [name, buf] : params) {
-    JAXMPS_RETURN_IF_ERROR(CheckShape(kOp, name, *buf, {s.c}));
-    JAXMPS_RETURN_IF_ERROR(CheckDtype(kOp, name, *buf, ParamDtype(data)));
-  }
-  return ffi::Error::Success();
-}
-
 template <typename P>
 const P* Data(const ffi::AnyBuffer& b) {
   return reinterpret_cast<const P*>(b.untyped_data());
@@ -64,7 +54,7 @@ ffi::Error Forward(ffi::ThreadPool pool, double epsilon, int64_t channels_last,
   ImageShape s;
   JAXMPS_RETURN_IF_ERROR(ReadImageShape(kOp, "x", x, channels_last, &s));
   JAXMPS_RETURN_IF_ERROR(
-      CheckChannelParams(s, x.element_type(), {{"gamma", &gamma}, {"beta", &beta}}));
+      CheckParams(kOp, x.element_type(), {{"gamma", &gamma}, {"beta", &beta}}, {s.c}));
   return DispatchFloat(kOp, "x", x.element_type(), {}, [&](auto tag) {
     using Ty = Types<decltype(tag)>;
     using T = typename Ty::T;
@@ -111,9 +101,9 @@ ffi::Error Inference(ffi::ThreadPool pool, double epsilon, int64_t channels_last
                      ffi::Result<ffi::AnyBuffer> y) {
   ImageShape s;
   JAXMPS_RETURN_IF_ERROR(ReadImageShape(kOp, "x", x, channels_last, &s));
-  JAXMPS_RETURN_IF_ERROR(CheckChannelParams(
-      s, x.element_type(),
-      {{"gamma", &gamma}, {"beta", &beta}, {"mean", &mean}, {"variance", &variance}}));
+  JAXMPS_RETURN_IF_ERROR(CheckParams(
+      kOp, x.element_type(),
+      {{"gamma", &gamma}, {"beta", &beta}, {"mean", &mean}, {"variance", &variance}}, {s.c}));
   return DispatchFloat(kOp, "x", x.element_type(), {}, [&](auto tag) {
     using Ty = Types<decltype(tag)>;
     using T = typename Ty::T;
@@ -144,12 +134,12 @@ ffi::Error Gradient(ffi::ThreadPool pool, double epsilon, int64_t channels_last,
   ImageShape s;
   JAXMPS_RETURN_IF_ERROR(ReadImageShape(kOp, "x", x, channels_last, &s));
   JAXMPS_RETURN_IF_ERROR(CheckSameAs(kOp, "dy", dy, "x", x));
-  JAXMPS_RETURN_IF_ERROR(CheckChannelParams(s, x.element_type(),
+  JAXMPS_RETURN_IF_ERROR(CheckParams(kOp, x.element_type(),
                                             {{"gamma", &gamma},
                                              {"mean", &mean},
                                              {"variance", &variance},
                                              {"dmean", &dmean},
-                                             {"dvariance", &dvariance}}));
+                                             {"dvariance", &dvariance}}, {s.c}));
   return DispatchFloat(kOp, "x", x.element_type(), {}, [&](auto tag) {
     using Ty = Types<decltype(tag)>;
     using T = typename Ty::T;

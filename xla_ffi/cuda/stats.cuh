@@ -639,19 +639,6 @@ ffi::Error LaunchSumOverImages(std::string_view op, cudaStream_t stream, int64_t
 
 // ---- handler helpers ------------------------------------------------------------------------
 
-// Checks parameter/statistic buffers: the given shape and the parameter dtype of `data`.
-// (Same rule as the CPU handlers' CheckParams; candidate for ffi_common.h.)
-inline ffi::Error CheckParams(
-    std::string_view op, ffi::DataType data,
-    std::initializer_list<std::pair<std::string_view, const ffi::AnyBuffer*>> params,
-    std::vector<int64_t> shape) {
-  for (auto [name, buf] : params) {
-    JAXMPS_RETURN_IF_ERROR(CheckShape(op, name, *buf, shape));
-    JAXMPS_RETURN_IF_ERROR(CheckDtype(op, name, *buf, ParamDtype(data)));
-  }
-  return ffi::Error::Success();
-}
-
 // Fills `bytes` of device memory with `byte` (0xff gives NaN floats: statistics of no data).
 inline ffi::Error FillAsync(std::string_view op, cudaStream_t stream, void* data, int64_t bytes,
                             int byte) {

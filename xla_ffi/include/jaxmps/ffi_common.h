@@ -112,6 +112,19 @@ inline ffi::DataType ParamDtype(ffi::DataType data) {
   return data == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
 }
 
+// Checks parameter/statistics buffers (gamma, beta, mean, ...): each must have `shape` and the
+// parameter dtype of `data` (float32, or float64 for float64 data).
+inline ffi::Error CheckParams(
+    std::string_view op, ffi::DataType data,
+    std::initializer_list<std::pair<std::string_view, const ffi::AnyBuffer*>> params,
+    std::vector<int64_t> shape) {
+  for (auto [name, buffer] : params) {
+    JAXMPS_RETURN_IF_ERROR(CheckShape(op, name, *buffer, shape));
+    JAXMPS_RETURN_IF_ERROR(CheckDtype(op, name, *buffer, ParamDtype(data)));
+  }
+  return ffi::Error::Success();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dtype dispatch. `f` receives a DtypeTag<dt>; each backend maps the tag to its own storage
 // type (CPU: float/double/jaxmps::Half/jaxmps::BFloat16, CUDA: __half/__nv_bfloat16, ...).

@@ -85,7 +85,7 @@ ffi::Error Forward(ConvForwardAttrs a, ffi::AnyBuffer x, ffi::AnyBuffer weights,
   JAXMPS_RETURN_IF_ERROR(CheckGeometry(kOp, a));
   int64_t wd[4];
   JAXMPS_RETURN_IF_ERROR(ReadWeights(kOp, "weights", weights, wd));
-  JAXMPS_RETURN_IF_ERROR(CheckParams(kOp, {{"bias", &bias}}, {wd[0]}));
+  JAXMPS_RETURN_IF_ERROR(CheckParams(kOp, kMetalParamData, {{"bias", &bias}}, {wd[0]}));
   JAXMPS_RETURN_IF_ERROR(
       ResultImage(kOp, "y", *y, x, xg.n, wd[0], a.size_h, a.size_w, a.channels_last, &yg));
   ConvParams p;
@@ -128,8 +128,8 @@ ffi::Error WeightsGradient(ConvWeightsGradientAttrs a, ffi::AnyBuffer dy, ffi::A
   ConvParams p;
   JAXMPS_RETURN_IF_ERROR(MakeConv(kOp, a, xg, yg, a.size_h, a.size_w, ig, &p));
   JAXMPS_RETURN_IF_ERROR(
-      CheckParams(kOp, {{"dweights", &*dweights}}, {yg.c, a.size_h, a.size_w, ig}));
-  JAXMPS_RETURN_IF_ERROR(CheckParams(kOp, {{"dbias", &*dbias}}, {yg.c}));
+      CheckParams(kOp, kMetalParamData, {{"dweights", &*dweights}}, {yg.c, a.size_h, a.size_w, ig}));
+  JAXMPS_RETURN_IF_ERROR(CheckParams(kOp, kMetalParamData, {{"dbias", &*dbias}}, {yg.c}));
   return RunPlan(kOp, PlanConv2dWeightsGradient(s, p),
                  {In(dy), In(x), Out(dweights), Out(dbias)});
 }

@@ -46,16 +46,8 @@ inline ffi::Error ReadImage(std::string_view op, std::string_view arg, const ffi
   return ffi::Error::Success();
 }
 
-// Parameters, statistics and weights are float32 (the ParamDtype of every Metal data dtype).
-inline ffi::Error CheckParams(
-    std::string_view op,
-    std::initializer_list<std::pair<std::string_view, const ffi::AnyBuffer*>> params,
-    std::vector<int64_t> shape) {
-  for (auto [name, buffer] : params) {
-    JAXMPS_RETURN_IF_ERROR(CheckShape(op, name, *buffer, shape));
-    JAXMPS_RETURN_IF_ERROR(CheckDtype(op, name, *buffer, ffi::DataType::F32));
-  }
-  return ffi::Error::Success();
-}
+// Parameters, statistics and weights are float32 for every Metal data dtype: handlers pass
+// kMetalParamData as the data dtype to jaxmps::CheckParams.
+constexpr ffi::DataType kMetalParamData = ffi::DataType::F32;
 
 }  // namespace jaxmps::metal

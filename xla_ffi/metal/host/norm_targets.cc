@@ -28,7 +28,7 @@ ffi::Error InstanceNormForward(double epsilon, int64_t channels_last, ffi::AnyBu
   ImageGeometry g;
   Storage s;
   JAXMPS_RETURN_IF_ERROR(ReadImage(kInstance, "x", x, channels_last, &g, &s));
-  JAXMPS_RETURN_IF_ERROR(CheckParams(kInstance, {{"gamma", &gamma}, {"beta", &beta}}, {g.c}));
+  JAXMPS_RETURN_IF_ERROR(CheckParams(kInstance, kMetalParamData, {{"gamma", &gamma}, {"beta", &beta}}, {g.c}));
   return RunPlan(kInstance, PlanNormForward(s, g, true, float(epsilon)),
                  {In(x), In(gamma), In(beta), Out(y), Out(mean), Out(rstd)});
 }
@@ -42,8 +42,8 @@ ffi::Error InstanceNormGradient(int64_t channels_last, ffi::AnyBuffer dy, ffi::A
   Storage s;
   JAXMPS_RETURN_IF_ERROR(ReadImage(kInstance, "x", x, channels_last, &g, &s));
   JAXMPS_RETURN_IF_ERROR(CheckSameAs(kInstance, "dy", dy, "x", x));
-  JAXMPS_RETURN_IF_ERROR(CheckParams(kInstance, {{"gamma", &gamma}}, {g.c}));
-  JAXMPS_RETURN_IF_ERROR(CheckParams(kInstance, {{"mean", &mean}, {"rstd", &rstd}}, {g.n, g.c}));
+  JAXMPS_RETURN_IF_ERROR(CheckParams(kInstance, kMetalParamData, {{"gamma", &gamma}}, {g.c}));
+  JAXMPS_RETURN_IF_ERROR(CheckParams(kInstance, kMetalParamData, {{"mean", &mean}, {"rstd", &rstd}}, {g.n, g.c}));
   return RunPlan(kInstance, PlanInstanceNormGradient(s, g),
                  {In(dy), In(x), In(gamma), In(mean), In(rstd), Out(dx), Out(dgamma),
                   Out(dbeta)});
@@ -60,7 +60,7 @@ ffi::Error BatchNormForward(double epsilon, int64_t channels_last, ffi::AnyBuffe
   ImageGeometry g;
   Storage s;
   JAXMPS_RETURN_IF_ERROR(ReadImage(kBatch, "x", x, channels_last, &g, &s));
-  JAXMPS_RETURN_IF_ERROR(CheckParams(kBatch, {{"gamma", &gamma}, {"beta", &beta}}, {g.c}));
+  JAXMPS_RETURN_IF_ERROR(CheckParams(kBatch, kMetalParamData, {{"gamma", &gamma}, {"beta", &beta}}, {g.c}));
   return RunPlan(kBatch, PlanNormForward(s, g, false, float(epsilon)),
                  {In(x), In(gamma), In(beta), Out(y), Out(mean), Out(variance)});
 }
@@ -75,7 +75,7 @@ ffi::Error BatchNormGradient(double epsilon, int64_t channels_last, ffi::AnyBuff
   Storage s;
   JAXMPS_RETURN_IF_ERROR(ReadImage(kBatch, "x", x, channels_last, &g, &s));
   JAXMPS_RETURN_IF_ERROR(CheckSameAs(kBatch, "dy", dy, "x", x));
-  JAXMPS_RETURN_IF_ERROR(CheckParams(kBatch,
+  JAXMPS_RETURN_IF_ERROR(CheckParams(kBatch, kMetalParamData,
                                      {{"gamma", &gamma}, {"mean", &mean}, {"variance", &variance},
                                       {"dmean", &dmean}, {"dvariance", &dvariance}},
                                      {g.c}));
@@ -91,7 +91,7 @@ ffi::Error BatchNormInference(double epsilon, int64_t channels_last, ffi::AnyBuf
   Storage s;
   JAXMPS_RETURN_IF_ERROR(ReadImage(kBatch, "x", x, channels_last, &g, &s));
   JAXMPS_RETURN_IF_ERROR(CheckParams(
-      kBatch,
+      kBatch, kMetalParamData,
       {{"gamma", &gamma}, {"beta", &beta}, {"mean", &mean}, {"variance", &variance}}, {g.c}));
   return RunPlan(kBatch, PlanBatchNormInference(s, g, float(epsilon)),
                  {In(x), In(gamma), In(beta), In(mean), In(variance), Out(y)});
