@@ -100,3 +100,31 @@ def test_window_global_work_area():
     """A window whose halo does not fit in shared memory runs from global scratch."""
     x = _image((1, 9, 8, 3), "float32", True, seed=3)
     _compare("spatial_norm", x, True, (120, 110), "float32", scale=2.0)
+
+
+# The streaming window kernel (stream_window.cuh): window heights 1..7 are compiled rings,
+# row runs split when images are few (here 90 rows > 8 windows), strips of 24..56 columns,
+# 8 (float32) or 16 (half types) channels per CTA; NCHW walks rows of W-contiguous columns.
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("window", [(5, 5), (7, 3), (6, 9), (3, 1)], ids=str)
+@pytest.mark.parametrize("op", ["spatial_norm", "local_contrast_norm"])
+def test_streaming_window_kernel(op, window, channels_last, dtype):
+    x = _image((1, 90, 41, 20), dtype, channels_last, seed=4)
+    _compare(op, x, channels_last, window, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("op", ["spatial_norm", "local_contrast_norm"])
+def test_streaming_window_nan_stays_in_its_windows(op):
+    """A NaN reaches exactly the outputs whose windows (forward, and adjoint for dx) cover it."""
+    x = np.array(_image((1, 30, 30, 8), "float32", True, seed=5))
+    x[0, 12, 17, 3] = np.nan
+    _compare(op, jnp.asarray(x), True, (5, 3), "float32", scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("window", [1, 4, 7])
+def test_streaming_cross_channel_nchw(window, dtype):
+    """Cross-channel NCHW streams down the channels, four pixels per thread when H*W % 4 == 0."""
+    x = _image((2, 10, 12, 24), dtype, False, seed=6)
+    _compare("cross_channel_norm", x, False, (window, 1), dtype, scale=2.0)

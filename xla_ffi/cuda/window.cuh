@@ -21,6 +21,7 @@
 #include <algorithm>
 
 #include "cuda_common.cuh"
+#include "stream_window.cuh"
 
 namespace jaxmps::cuda {
 
@@ -667,10 +668,16 @@ ffi::Error RunWindowOp(std::string_view op, cudaStream_t stream, ffi::ScratchAll
     if (s.size() == 0) return ffi::Error::Success();
     const WindowPlan plan = make_plan(A(0), s);
     const auto policy = make_policy(A(0));
-    return LaunchWindow<T, A, std::decay_t<decltype(policy)>, kGrad>(
-        op, stream, scratch, plan, policy, static_cast<const T*>(x.untyped_data()),
-        dy != nullptr ? static_cast<const T*>(dy->untyped_data()) : nullptr,
-        static_cast<T*>(out.untyped_data()));
+    using Policy = std::decay_t<decltype(policy)>;
+    const T* xp = static_cast<const T*>(x.untyped_data());
+    const T* dyp = dy != nullptr ? static_cast<const T*>(dy->untyped_data()) : nullptr;
+    T* outp = static_cast<T*>(out.untyped_data());
+    bool ran = false;
+    JAXMPS_RETURN_IF_ERROR((TryStreamWindow<T, A, Policy, kGrad>(
+        op, stream, plan.dim, plan.stride, plan.image_stride, plan.n, plan.k0, plan.k1, policy,
+        xp, dyp, outp, &ran)));
+    if (ran) return ffi::Error::Success();
+    return LaunchWindow<T, A, Policy, kGrad>(op, stream, scratch, plan, policy, xp, dyp, outp);
   });
 }
 

@@ -1,0 +1,424 @@
+// Streaming stencil kernels for the window norms on CUDA (spatial and local contrast norm in
+// both layouts, cross-channel norm NCHW): TryStreamWindow runs one when the window fits.
+//
+// The general tile engine (window.cuh) stages a tile plus halos in shared memory and sums
+// windows there; that costs shared-memory traffic and index arithmetic per element and made it
+// compute-bound (measured on H100: 4-5x the memory roofline). Here a CTA owns a strip of
+// `te` columns x `ch` lanes and walks down the rows (the A0 axis) once:
+// - each thread owns one (column, lane) and keeps the last K rows it loaded in registers, a
+//   ring whose slots are compile-time constants because the row loop is unrolled by K (K is
+//   the window height, a template parameter): the sum along A0 is K register adds;
+// - the sums along A1 (the window width) go through a small double-buffered shared-memory row
+//   exchange: one write and k1 reads per value, one barrier per row;
+// - the gradient chains two such stencils in the same walk: window statistics and the gradient
+//   quantities Q of row r - (K-1)/2 as soon as row r is in, then the adjoint sums of Q for the
+//   output row K/2 further up, from a second register ring.
+// x (and dy) are read once plus the strip halos (neighbouring strips re-read them from L2);
+// y or dx is written once. Loads run kStreamAhead rows ahead of use so that misses overlap
+// (the CTAs are few per SM: their rows in flight are what keeps the memory system busy).
+// Window placement follows KERNELS.md: S covers [c - k//2, c + (k-1)//2], S^T the mirror.
+#pragma once
+
+#include <algorithm>
+
+#include "cuda_common.cuh"
+
+namespace jaxmps::cuda {
+
+constexpr int kStreamMaxThreads = 512;
+constexpr int kStreamMaxWindow = 7;  // window heights with a compiled ring (K = 1..7)
+
+struct StreamPlan {
+  int64_t dim[3] = {1, 1, 1};     // extents of A0 (streamed), A1 (exchanged), L (lanes)
+  int64_t stride[3] = {0, 0, 1};  // element strides of A0, A1, L
+  int64_t image_stride = 0;
+  int k1 = 1;                     // window width along A1 (the height K is a template argument)
+  int te = 32, ch = 8;            // columns (with halos) and lanes per CTA: te * ch threads
+  int te_shift = 5, ch_shift = 3;
+  bool lanes_fast = true;         // lanes fastest within a warp (L contiguous), else columns
+  int out_cols = 1;               // output columns per CTA
+  int col_halo = 0;               // columns left of the first output column
+  int rows = 1;                   // output rows per CTA
+  int64_t tiles_l = 1, tiles_b = 1, tiles_a = 1, blocks = 0;
+  __host__ __device__ int threads() const { return te * ch; }
+  // Index of (column b, lane l) in an exchange row, and the distance between columns: lanes
+  // or columns consecutive, whichever the warp's threads differ in (no bank conflicts).
+  __host__ __device__ int slot(int b, int l) const { return lanes_fast ? b * ch + l : l * te + b; }
+  __host__ __device__ int col_step() const { return lanes_fast ? ch : 1; }
+};
+
+constexpr int kStreamAhead = 2;
+
+// Global memory reads kStreamAhead rows ahead of their use: VW consecutive lanes per thread,
+// walking a pointer down the rows (32-bit row numbers: PlanStreamWindow caps dim[0]).
+template <typename T, typename A, int VW>
+struct RowReader {
+  using AV = Vec<A, VW>;
+  const T* __restrict__ next;  // the row after the last one prefetched
+  int64_t row_stride;
+  int rows, next_row;
+  bool live;
+  AV ahead[kStreamAhead];
+  __device__ AV Read() {
+    AV v;
+    if (live && next_row >= 0 && next_row < rows) {
+      const Vec<T, VW> raw = LoadVec<T, VW>(next);
+#pragma unroll
+      for (int e = 0; e < VW; ++e) v.v[e] = ToAcc(raw.v[e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VW; ++e) v.v[e] = A(0);
+    }
+    next += row_stride;
+    ++next_row;
+    return v;
+  }
+  // Starts the walk at row r0 of the column whose row 0 is at `base`.
+  __device__ void Start(const T* base, int r0) {
+    next = base + int64_t(r0) * row_stride;
+    next_row = r0;
+#pragma unroll
+    for (int i = 0; i < kStreamAhead; ++i) ahead[i] = Read();
+  }
+  // The next row in order; prefetches the one kStreamAhead rows further.
+  __device__ AV Next() {
+    const AV v = ahead[0];
+#pragma unroll
+    for (int i = 0; i + 1 < kStreamAhead; ++i) ahead[i] = ahead[i + 1];
+    ahead[kStreamAhead - 1] = Read();
+    return v;
+  }
+};
+
+// Window sums along A1 of the exchange planes for the window [b - lo, b - lo + k1).
+template <int NQ, typename A, int VW>
+__device__ __forceinline__ void SumAcross(const StreamPlan& p, const Vec<A, VW>* ex,
+                                          int plane, int at, int lo, Vec<A, VW> (&out)[NQ]) {
+  const int step = p.col_step();
+  const int first = at - lo * step;
+#pragma unroll
+  for (int q = 0; q < NQ; ++q)
+#pragma unroll
+    for (int e = 0; e < VW; ++e) out[q].v[e] = A(0);
+#pragma unroll 4
+  for (int d = 0; d < p.k1; ++d)
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) {
+      const Vec<A, VW> v = ex[q * plane + first + d * step];
+#pragma unroll
+      for (int e = 0; e < VW; ++e) out[q].v[e] += v.v[e];
+    }
+}
+
+// Window sums along A0 of F(x) over the ring (row r - i in slot (j - i) mod K).
+template <typename Policy, int K, int VW, typename A>
+__device__ __forceinline__ void SumDown(const Policy& pol, const Vec<A, VW> (&ring)[K], int j,
+                                        Vec<A, VW> (&f)[Policy::kF]) {
+#pragma unroll
+  for (int q = 0; q < Policy::kF; ++q)
+#pragma unroll
+    for (int e = 0; e < VW; ++e) f[q].v[e] = A(0);
+#pragma unroll
+  for (int i = 0; i < K; ++i)
+#pragma unroll
+    for (int e = 0; e < VW; ++e) {
+      A fi[Policy::kF];
+      pol.Transform(ring[(j - i + K) % K].v[e], fi);
+#pragma unroll
+      for (int q = 0; q < Policy::kF; ++q) f[q].v[e] += fi[q];
+    }
+}
+
+template <typename T, int VW, typename A>
+__device__ __forceinline__ void StoreLanes(T* p, const Vec<A, VW>& v) {
+  Vec<T, VW> o;
+#pragma unroll
+  for (int e = 0; e < VW; ++e) o.v[e] = FromAcc<T>(v.v[e]);
+  StoreVec<T, VW>(p, o);
+}
+
+// Several lanes per thread multiply the registers of the rings: such CTAs stay at 256 threads.
+constexpr int kStreamWideThreads = 256;
+
+template <typename T, typename A, typename Policy, bool kGrad, int K, int VW>
+__global__ void __launch_bounds__(VW == 1 ? kStreamMaxThreads : kStreamWideThreads)
+    StreamWindowKernel(StreamPlan p, Policy pol, const T* __restrict__ x,
+                       const T* __restrict__ dy, T* __restrict__ out) {
+  constexpr int NF = Policy::kF, NG = Policy::kG, NGS = Policy::kGS;
+  using AV = Vec<A, VW>;
+  JAXMPS_DYNAMIC_SHARED(smem);
+  const int plane = p.threads();
+  AV* const fx = reinterpret_cast<AV*>(smem);  // [2][NF][plane]: sums of F(x) along A0
+  AV* const qx = fx + 2 * NF * plane;          // [2][NGS][plane]: sums of Q along A0
+
+  int64_t t = blockIdx.x;
+  const int64_t tl = t % p.tiles_l;
+  t /= p.tiles_l;
+  const int64_t tb = t % p.tiles_b;
+  t /= p.tiles_b;
+  const int ta = int(t % p.tiles_a);
+  const int64_t img = t / p.tiles_a;
+  int b, l;
+  if (p.lanes_fast) {
+    l = threadIdx.x & (p.ch - 1), b = threadIdx.x >> p.ch_shift;
+  } else {
+    b = threadIdx.x & (p.te - 1), l = threadIdx.x >> p.te_shift;
+  }
+  const int64_t gl = (tl * p.ch + l) * VW, gb = tb * p.out_cols - p.col_halo + b;
+  const bool live = gl < p.dim[2] && gb >= 0 && gb < p.dim[1];
+  const int64_t offset = img * p.image_stride + (live ? gb * p.stride[1] + gl * p.stride[2] : 0);
+  const int me = p.slot(b, l);
+  const bool out_col = b >= p.col_halo && b < p.col_halo + p.out_cols && live;
+  const int rows = int(p.dim[0]);
+  const int h0 = ta * p.rows, h1 = min(h0 + p.rows, rows);
+  const int64_t row_stride = p.stride[0];
+
+  RowReader<T, A, VW> xr{nullptr, row_stride, rows, 0, live, {}};
+  AV ring[K];  // x of the last K rows: row (r - i) in slot (j - i) mod K at unrolled step j
+#pragma unroll
+  for (int i = 0; i < K; ++i)
+#pragma unroll
+    for (int e = 0; e < VW; ++e) ring[i].v[e] = A(0);
+
+  if constexpr (!kGrad) {
+    // Row r completes the window of output row r - (K-1)/2.
+    const int r0 = h0 - K / 2, steps = (h1 - h0) + K - 1;
+    xr.Start(x + offset, r0);
+    T* o = out + offset + int64_t(h0) * row_stride;
+    for (int s0 = 0; s0 < steps; s0 += K) {
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        const int s = s0 + j;
+        if (s >= steps) break;  // uniform across the CTA
+        ring[j] = xr.Next();
+        if (s < K - 1) continue;
+        AV f[NF];
+        SumDown<Policy, K, VW>(pol, ring, j, f);
+        AV* const ex = fx + (s & 1) * NF * plane;
+#pragma unroll
+        for (int q = 0; q < NF; ++q) ex[q * plane + me] = f[q];
+        __syncthreads();
+        if (out_col) {
+          AV sum[NF];
+          SumAcross<NF, A, VW>(p, ex, plane, me, p.k1 / 2, sum);
+          const AV& xc = ring[(j - (K - 1) / 2 + K) % K];
+          AV y;
+#pragma unroll
+          for (int e = 0; e < VW; ++e) {
+            A se[NF];
+#pragma unroll
+            for (int q = 0; q < NF; ++q) se[q] = sum[q].v[e];
+            y.v[e] = pol.Forward(xc.v[e], se);
+          }
+          StoreLanes<T, VW>(o, y);
+        }
+        o += row_stride;
+      }
+    }
+  } else {
+    // Step s loads x row r = r0 + s and dy row hq = r - (K-1)/2, and exchanges, behind one
+    // barrier, the sums along A0 of F(x) (window rows ending at r: the statistics of row hq)
+    // and of Q over the last K Q rows (ending at hq - 1: the adjoint window of output row
+    // h = hq - 1 - K/2). After the barrier it finishes Q of row hq (zero outside the image:
+    // the adjoint sums' zero padding) and dx of row h. Q lives on columns
+    // [k1/2, te - (k1-1)/2), dx on the output columns.
+    const int r0 = h0 - (K - 1), steps = (h1 - h0) + 2 * (K - 1) + 1;
+    RowReader<T, A, VW> gr{nullptr, row_stride, rows, 0, live, {}};
+    xr.Start(x + offset, r0);
+    gr.Start(dy + offset, r0 + K / 2);  // the first Q row: r0 + (K-1) - (K-1)/2
+    const bool q_col = b >= p.k1 / 2 && b < p.te - (p.k1 - 1) / 2 && live;
+    AV qring[NG][K];  // Q of the last K rows: the one of step s in slot s mod K
+#pragma unroll
+    for (int q = 0; q < NG; ++q)
+#pragma unroll
+      for (int i = 0; i < K; ++i)
+#pragma unroll
+        for (int e = 0; e < VW; ++e) qring[q][i].v[e] = A(0);
+    T* o = out + offset + int64_t(h0) * row_stride;
+    for (int s0 = 0; s0 < steps; s0 += K) {
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        const int s = s0 + j;
+        if (s >= steps) break;  // uniform across the CTA
+        const AV xo = ring[j];  // x of row r - K = h, about to leave the ring
+        ring[j] = xr.Next();
+        if (s < K - 1) continue;
+        const bool emit = s >= 2 * K - 1;
+        const int hq = r0 + s - (K - 1) / 2;
+        const AV g = gr.Next();
+        AV f[NF];
+        SumDown<Policy, K, VW>(pol, ring, j, f);
+        AV* const ex = fx + (s & 1) * NF * plane;
+#pragma unroll
+        for (int q = 0; q < NF; ++q) ex[q * plane + me] = f[q];
+        AV* const eq = qx + (s & 1) * NGS * plane;
+        if (emit) {
+          AV adj[NGS];
+#pragma unroll
+          for (int q = 0; q < NGS; ++q)
+#pragma unroll
+            for (int e = 0; e < VW; ++e) adj[q].v[e] = A(0);
+#pragma unroll
+          for (int i = 1; i <= K; ++i)
+#pragma unroll
+            for (int q = 0; q < NGS; ++q)
+#pragma unroll
+              for (int e = 0; e < VW; ++e) adj[q].v[e] += qring[q][(j - i + K) % K].v[e];
+#pragma unroll
+          for (int q = 0; q < NGS; ++q) eq[q * plane + me] = adj[q];
+        }
+        __syncthreads();
+        if (emit && out_col) {
+          AV st[NGS];
+          SumAcross<NGS, A, VW>(p, eq, plane, me, (p.k1 - 1) / 2, st);
+          AV dx;
+#pragma unroll
+          for (int e = 0; e < VW; ++e) {
+            A qe[NG], se[NGS];
+#pragma unroll
+            for (int q = 0; q < NG; ++q) qe[q] = qring[q][(j - 1 - K / 2 + 2 * K) % K].v[e];
+#pragma unroll
+            for (int q = 0; q < NGS; ++q) se[q] = st[q].v[e];
+            dx.v[e] = pol.Combine(xo.v[e], qe, se);
+          }
+          StoreLanes<T, VW>(o, dx);
+        }
+        if (emit) o += row_stride;
+#pragma unroll
+        for (int q = 0; q < NG; ++q)
+#pragma unroll
+          for (int e = 0; e < VW; ++e) qring[q][j].v[e] = A(0);
+        if (q_col && hq >= 0 && hq < rows) {
+          AV sum[NF];
+          SumAcross<NF, A, VW>(p, ex, plane, me, p.k1 / 2, sum);
+          const AV& xq = ring[(j - (K - 1) / 2 + K) % K];
+#pragma unroll
+          for (int e = 0; e < VW; ++e) {
+            A se[NF], qe[NG];
+#pragma unroll
+            for (int q = 0; q < NF; ++q) se[q] = sum[q].v[e];
+            pol.Inner(xq.v[e], g.v[e], se, qe);
+#pragma unroll
+            for (int q = 0; q < NG; ++q) qring[q][j].v[e] = qe[q];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Fills a StreamPlan for a window of height k0 along dim[0] and width k1 along dim[1] over
+// lanes dim[2], `vw` lanes per thread; false when this kernel does not serve the layout
+// (lanes and columns both strided) or the window.
+inline bool PlanStreamWindow(const int64_t (&dim)[3], const int64_t (&stride)[3],
+                             int64_t image_stride, int64_t n, int k0, int k1, bool gradient,
+                             int elem_bytes, int vw, int sm_count, StreamPlan* out) {
+  StreamPlan p;
+  for (int a = 0; a < 3; ++a) p.dim[a] = dim[a], p.stride[a] = stride[a];
+  p.image_stride = image_stride;
+  p.k1 = k1;
+  if (k0 < 1 || k0 > kStreamMaxWindow || k1 < 1 || dim[0] > (int64_t(1) << 30)) return false;
+  p.lanes_fast = stride[2] == 1;
+  if (!p.lanes_fast && stride[1] != 1) return false;
+  const int halo = gradient ? 2 * (k1 - 1) : k1 - 1;
+  if (dim[1] == 1 && k1 == 1) {
+    p.te = 1;  // no exchange axis (cross-channel NCHW): all threads on lanes
+    p.ch = 256;
+  } else if (p.lanes_fast) {
+    // At least 32-byte runs of lanes per column (one memory sector), 32 or 64 columns.
+    p.ch = vw > 1 ? 8 : std::max(1, 32 / elem_bytes);  // 32-128 bytes per column
+    p.te = 256 / p.ch;
+    if (p.te - halo < 16 && vw == 1) p.te *= 2;
+  } else {
+    p.te = 32;  // a warp reads 32 consecutive columns of one lane
+    if (p.te - halo < 16) p.te = 64;
+    p.ch = 256 / p.te;
+  }
+  if (p.te - halo < (vw > 1 ? 8 : 1) ||
+      p.te * p.ch > (vw > 1 ? kStreamWideThreads : kStreamMaxThreads)) {
+    return false;
+  }
+  p.te_shift = 0, p.ch_shift = 0;
+  for (int v = p.te; v > 1; v >>= 1) ++p.te_shift;
+  for (int v = p.ch; v > 1; v >>= 1) ++p.ch_shift;
+  p.out_cols = p.te - halo;
+  p.col_halo = gradient ? k1 - 1 : k1 / 2;
+  p.tiles_l = CeilDiv(dim[2], int64_t(p.ch) * vw);
+  p.tiles_b = CeilDiv(dim[1], p.out_cols);
+  // Whole columns when that gives enough CTAs, else shorter row runs (each re-walks the
+  // window's extra rows: keep runs at least 8 windows long).
+  const int64_t per_image = p.tiles_l * p.tiles_b;
+  // Measured on H100 (N=32, 64x64, C=128): 4 CTAs per SM and runs of >= 8 windows beat 8/4,
+  // 16/3 and 32/2 for the gradient (231 vs 248, 277, 346 us) and are within 10% forward.
+  const int64_t want = 4 * int64_t(sm_count);
+  int64_t rows = dim[0];
+  while (n * per_image * CeilDiv(dim[0], rows) < want && rows > 8 * k0) {
+    rows = CeilDiv(rows, 2);
+  }
+  p.rows = int(rows);
+  p.tiles_a = CeilDiv(dim[0], p.rows);
+  p.blocks = n * p.tiles_a * per_image;
+  *out = p;
+  return true;
+}
+
+// Runs the streaming kernel for a window of height k0 when PlanStreamWindow accepts the
+// layout; *ran = false leaves the op to the general engine. Several lanes per thread (4 for
+// the forward, 2 for the gradient: one 4- to 16-byte access) when lanes are contiguous and
+// aligned, which spreads the per-row work (addresses, barriers, loop control) over them.
+template <typename T, typename A, typename Policy, bool kGrad>
+ffi::Error TryStreamWindow(std::string_view op, cudaStream_t stream, const int64_t (&dim)[3],
+                           const int64_t (&stride)[3], int64_t image_stride, int64_t n, int k0,
+                           int k1, const Policy& pol, const T* x, const T* dy, T* out,
+                           bool* ran) {
+  *ran = false;
+  if constexpr (std::is_same_v<A, double>) {
+    return ffi::Error::Success();  // float64 keeps the general engine
+  } else {
+    DeviceLimits limits;
+    JAXMPS_RETURN_IF_ERROR(CurrentDeviceLimits(op, &limits));
+    // The gradient's rings hold three times the values: two lanes keep it within registers.
+    constexpr int kVW = kGrad ? 2 : 4;
+    const uintptr_t align = kVW * sizeof(T);
+    bool wide = stride[2] == 1 && dim[2] % kVW == 0 && image_stride % kVW == 0 &&
+                stride[0] % kVW == 0 && stride[1] % kVW == 0;
+    for (const void* ptr : {static_cast<const void*>(x), static_cast<const void*>(dy),
+                            static_cast<const void*>(out)})
+      wide = wide && reinterpret_cast<uintptr_t>(ptr) % align == 0;
+    StreamPlan p;
+    wide = wide && PlanStreamWindow(dim, stride, image_stride, n, k0, k1, kGrad, int(sizeof(T)),
+                                    kVW, limits.sm_count, &p);
+    const int vw = wide ? kVW : 1;
+    if (!wide && !PlanStreamWindow(dim, stride, image_stride, n, k0, k1, kGrad, int(sizeof(T)),
+                                   1, limits.sm_count, &p)) {
+      return ffi::Error::Success();
+    }
+    const int64_t smem = 2 * int64_t(Policy::kF + (kGrad ? Policy::kGS : 0)) * p.threads() *
+                         vw * int64_t(sizeof(A));
+    if (smem > limits.max_smem_per_block) return ffi::Error::Success();
+    *ran = true;
+    const char* what = kGrad ? "the streaming window gradient kernel"
+                             : "the streaming window forward kernel";
+    auto launch = [&](auto vw_constant) {
+      constexpr int V = decltype(vw_constant)::value;
+      auto go = [&](auto kernel) {
+        JAXMPS_RETURN_IF_ERROR(AllowSharedMemory(op, kernel, smem));
+        return Launch(op, what, kernel, p.blocks, p.threads(), smem, stream, p, pol, x, dy,
+                      out);
+      };
+      switch (k0) {
+        case 1: return go(StreamWindowKernel<T, A, Policy, kGrad, 1, V>);
+        case 2: return go(StreamWindowKernel<T, A, Policy, kGrad, 2, V>);
+        case 3: return go(StreamWindowKernel<T, A, Policy, kGrad, 3, V>);
+        case 4: return go(StreamWindowKernel<T, A, Policy, kGrad, 4, V>);
+        case 5: return go(StreamWindowKernel<T, A, Policy, kGrad, 5, V>);
+        case 6: return go(StreamWindowKernel<T, A, Policy, kGrad, 6, V>);
+        default: return go(StreamWindowKernel<T, A, Policy, kGrad, 7, V>);
+      }
+    };
+    if (wide) return launch(std::integral_constant<int, kVW>{});
+    return launch(std::integral_constant<int, 1>{});
+  }
+}
+
+}  // namespace jaxmps::cuda
