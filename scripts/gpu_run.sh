@@ -6,7 +6,7 @@
 # pytest and pytest-xdist (PyTorch optional, for the comparison columns). Nothing is downloaded:
 # the XLA FFI headers are vendored and pip runs with --no-index --no-build-isolation.
 #
-# Usage:  [BENCH_LAYOUTS="NHWC NCHW"] scripts/gpu_run.sh [OUT_DIR] [MODE]
+# Usage:  [BENCH_LAYOUTS="NHWC NCHW"] [JAXMPS_LIB_DIR=prebuilt] scripts/gpu_run.sh [OUT_DIR] [MODE]
 #   OUT_DIR  where logs and results go (default benchmarks/gpu)
 #   MODE     full  (default) build + self-check + whole test suite + benchmark (normalization
 #                  and convolution, float32 and bfloat16, the layouts in BENCH_LAYOUTS)
@@ -32,15 +32,23 @@ step "environment"
   "$PY" -c "import sys, jax, jaxlib; print('python', sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.txt"
 
-step "build and install (offline, CUDA required)"
-# JAXMPS_ENABLE_CUDA=ON: a missing nvcc is a configure error rather than a CPU-only build.
-if ! "$PY" -m pip install --no-index --no-build-isolation --no-deps -v \
-    -Ccmake.define.JAXMPS_ENABLE_CUDA=ON -Cbuild-dir=build/gpu . > "$OUT/build.full.log" 2>&1; then
-  tail -60 "$OUT/build.full.log" | tee "$OUT/build.log"
-  exit 1
+if [ -n "${JAXMPS_LIB_DIR:-}" ]; then
+  # Libraries built elsewhere for this GPU (e.g. `cmake -S xla_ffi -B build/gpu90
+  # -DJAXMPS_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90` on a machine with nvcc): skip the
+  # build, run the source checkout against them.
+  step "prebuilt libraries in $JAXMPS_LIB_DIR (no build)"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  step "build and install (offline, CUDA required)"
+  # JAXMPS_ENABLE_CUDA=ON: a missing nvcc is a configure error rather than a CPU-only build.
+  if ! "$PY" -m pip install --no-index --no-build-isolation --no-deps -v \
+      -Ccmake.define.JAXMPS_ENABLE_CUDA=ON -Cbuild-dir=build/gpu . > "$OUT/build.full.log" 2>&1; then
+    tail -60 "$OUT/build.full.log" | tee "$OUT/build.log"
+    exit 1
+  fi
+  grep -E "jaxmps|warning|error" "$OUT/build.full.log" | tail -40 > "$OUT/build.log"
+  rm -f "$OUT/build.full.log"
 fi
-grep -E "jaxmps|warning|error" "$OUT/build.full.log" | tail -40 > "$OUT/build.log"
-rm -f "$OUT/build.full.log"
 # The source checkout shadows the installed package; ffi.py finds the installed libraries.
 "$PY" -c "import jaxmps; print(jaxmps.backends())" 2>&1 | tail -3 | tee -a "$OUT/env.txt"
 

@@ -117,10 +117,12 @@ def cases(shape: Sequence[int], dtypes: Sequence[str], layouts: Sequence[str],
                         if mode == "forward":
                             fn = jax.jit(lambda x, g, b, dy, f=f: f(x, g, b))
                         else:
-                            # Forward + backward: the VJP of the op for cotangent dy.
+                            # Forward + backward as in a training step: y and the VJP for
+                            # cotangent dy. Returning y too keeps XLA from dropping the
+                            # reference's forward output (the roofline counts writing y).
                             def fb(x, g, b, dy, f=f):
-                                _, vjp = jax.vjp(lambda v: f(v, g, b), x)
-                                return vjp(dy)[0]
+                                y, vjp = jax.vjp(lambda v: f(v, g, b), x)
+                                return y, vjp(dy)[0]
                             fn = jax.jit(fb)
                         impls[impl] = (lambda fn=fn, x=x, g=g, b=b, dy=dy: fn(x, g, b, dy))
                     if with_torch:
