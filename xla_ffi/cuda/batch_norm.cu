@@ -64,7 +64,7 @@ ffi::Error Inference(cudaStream_t stream, ffi::ScratchAllocator scratch, double 
     const int max_vec = VectorWidth<T>(s.channels_last ? s.c : s.pixels(),
                                        {x.untyped_data(), y->untyped_data()});
     const StatsPlan plan = PlanStats<T, A>(s, /*per_image=*/false, /*arrays=*/1, max_vec, limits,
-                                           /*allow_fused=*/false);
+                                           /*allow_on_chip=*/false);
     Coef<A>* coef = nullptr;
     JAXMPS_RETURN_IF_ERROR(AllocateScratch(scratch, kOp, s.c, &coef));
     JAXMPS_RETURN_IF_ERROR(Launch(

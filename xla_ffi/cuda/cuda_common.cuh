@@ -7,6 +7,7 @@
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -169,6 +170,47 @@ ffi::Error DispatchVector(int v, F&& f) {
 #define JAXMPS_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
+// ---- thread-block clusters (Hopper, compute capability >= 9.0) -------------------------------
+// JAXMPS_CLUSTER_CODE is 1 where cluster kernels have a body: the sm_90+ device pass and the
+// emulator. Elsewhere (sm_80 pass, host pass) cluster kernels compile empty and are never
+// launched (PlanStats asks for compute capability 9 first).
+#if defined(JAXMPS_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#define JAXMPS_CLUSTER_CODE 1
+#else
+#define JAXMPS_CLUSTER_CODE 0
+#endif
+
+#if JAXMPS_CLUSTER_CODE
+// This CTA's rank in its cluster, a barrier over all threads of the cluster (also orders
+// shared-memory writes before it against reads after it), and the address `p` (in this CTA's
+// shared memory) has in the shared memory of the CTA of rank `rank`.
+#ifdef JAXMPS_CUDA_EMU
+__device__ __forceinline__ unsigned ClusterRank() { return emu::ClusterRank(); }
+__device__ __forceinline__ void ClusterSync() { emu::ClusterSync(); }
+template <typename T>
+__device__ __forceinline__ T* ClusterShared(T* p, unsigned rank) {
+  return emu::ClusterShared(p, rank);
+}
+#else
+__device__ __forceinline__ unsigned ClusterRank() {
+  return cooperative_groups::this_cluster().block_rank();
+}
+__device__ __forceinline__ void ClusterSync() { cooperative_groups::this_cluster().sync(); }
+template <typename T>
+__device__ __forceinline__ T* ClusterShared(T* p, unsigned rank) {
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+}
+#endif
+#else
+// Declared for templates that name them in branches this target never compiles into a kernel.
+__device__ __forceinline__ unsigned ClusterRank() { return 0; }
+__device__ __forceinline__ void ClusterSync() {}
+template <typename T>
+__device__ __forceinline__ T* ClusterShared(T* p, unsigned) {
+  return p;
+}
+#endif
+
 // ---- host-side helpers -----------------------------------------------------------------------
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -212,6 +254,60 @@ ffi::Error Launch(std::string_view op, std::string_view what, void (*kernel)(Par
   return LaunchError(op, what);
 }
 
+// The launch configuration of `blocks` CTAs in clusters of `cluster` along x.
+struct ClusterConfig {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attribute[1] = {};
+  ClusterConfig(int64_t blocks, int cluster, int threads, int64_t smem, cudaStream_t stream) {
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = unsigned(cluster);
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    // Positional: the emulator's gridDim/blockDim macros would rewrite the field names.
+    config = cudaLaunchConfig_t{dim3(unsigned(blocks), 1, 1), dim3(unsigned(threads), 1, 1),
+                                size_t(smem), stream, attribute, 1};
+  }
+};
+
+// How many clusters of `cluster` CTAs (`threads`, `smem` each) of `kernel` the device can hold
+// at once; 0 when it cannot run them at all (then take another path). Call AllowSharedMemory
+// first.
+template <typename Kernel>
+int MaxActiveClusters(Kernel kernel, int cluster, int threads, int64_t smem) {
+  ClusterConfig c(cluster, cluster, threads, smem, nullptr);
+  int count = 0;
+  if (cudaOccupancyMaxActiveClusters(&count, reinterpret_cast<const void*>(kernel), &c.config) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();  // a refusal is an answer (0), not a sticky error
+    return 0;
+  }
+  return count;
+}
+
+// Launch of `blocks` CTAs in clusters of `cluster` consecutive CTAs (blocks % cluster == 0)
+// through cudaLaunchKernelEx, then the launch error as an FFI error.
+template <typename... Params, typename... Args>
+ffi::Error LaunchCluster(std::string_view op, std::string_view what, void (*kernel)(Params...),
+                         int64_t blocks, int cluster, int threads, int64_t smem,
+                         cudaStream_t stream, Args&&... args) {
+  JAXMPS_RETURN_IF_ERROR(CheckGrid(op, blocks));
+  if (blocks % cluster != 0) return Internal(op, what, ": grid not a multiple of the cluster");
+  if (blocks == 0) return ffi::Error::Success();
+#ifdef JAXMPS_CUDA_EMU
+  (void)stream;
+  emu::LaunchCluster(kernel, blocks, cluster, threads, smem, std::forward<Args>(args)...);
+#else
+  ClusterConfig c(blocks, cluster, threads, smem, stream);
+  const cudaError_t err = cudaLaunchKernelEx(&c.config, kernel, std::forward<Args>(args)...);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return Internal(op, "CUDA launch of ", what, " failed: ", cudaGetErrorName(err), ": ",
+                    cudaGetErrorString(err));
+  }
+#endif
+  return LaunchError(op, what);
+}
+
 // Typed device workspace from XLA's scratch allocator (freed when the handler returns; XLA's
 // allocator orders reuse after the work queued on this stream).
 template <typename U>
@@ -241,6 +337,8 @@ ffi::Error AllocateScratch(ffi::ScratchAllocator& scratch, std::string_view op, 
 struct DeviceLimits {
   int sm_count = 0;
   int64_t max_smem_per_block = 48 << 10;  // with the opt-in attribute set on the kernel
+  int compute_major = 0;                   // >= 9: thread-block clusters (Hopper)
+  int64_t l2_bytes = 0;
 };
 
 // Limits of the current device (the one whose context XLA made current), cached per ordinal.
@@ -255,15 +353,20 @@ inline ffi::Error CurrentDeviceLimits(std::string_view op, DeviceLimits* out) {
   std::lock_guard<std::mutex> lock(mu);
   DeviceLimits& d = cache[device];
   if (d.sm_count == 0) {
-    int sms = 0, smem = 0;
+    int sms = 0, smem = 0, major = 0, l2 = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
         cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-            cudaSuccess) {
+            cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) !=
+            cudaSuccess ||
+        cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device) != cudaSuccess) {
       return Internal(op, "cannot query CUDA device attributes: ",
                       cudaGetErrorString(cudaGetLastError()));
     }
     d.sm_count = sms;
     d.max_smem_per_block = smem;
+    d.compute_major = major;
+    d.l2_bytes = l2;
   }
   *out = d;
   return ffi::Error::Success();

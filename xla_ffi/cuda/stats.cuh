@@ -1,5 +1,5 @@
-// Per-channel statistics engine for instance and batch norm on CUDA: plans (tiles of image,
-// channel block and row range), deterministic block reductions, fused and chunked launchers.
+// Per-channel statistics engine for instance and batch norm on CUDA: plans, deterministic block
+// reductions, and the fused, cluster (Hopper) and chunked kernels with their launchers.
 //
 // A reduction *group* is what one statistic row is computed over: per (image, channel block)
 // for instance norm, per channel block over the whole batch for batch norm. NHWC groups hold
@@ -8,12 +8,26 @@
 //
 // Fused path (the group fits in shared memory): one CTA per group loads it once, reduces,
 // and applies from shared memory: x read once, y written once (gradient: dy, x read once).
+// Cluster path (Hopper): the group is spread over a thread-block cluster of G CTAs, each
+// keeping one chunk in shared memory; the CTAs swap their partial sums through distributed
+// shared memory (each adds the G partials in rank order: the same bits everywhere), then apply
+// from shared memory as the fused path does. Same traffic as fused, for groups of up to G
+// times the shared memory of one CTA.
 // Chunked path: a partial-sum kernel per chunk, a finalize kernel per statistic (fixed-order
 // warp tree over chunks), and an apply kernel that walks chunks in reverse so that the data the
 // partial kernel read last is re-read from L2. No atomics: results are bitwise repeatable.
+// When the groups' data is larger than a share of L2 (kL2SliceShareNum / Den), the groups are
+// swept in consecutive *slices* (StatsPlan::group_begin/group_end), partial -> finalize ->
+// apply per slice, so that apply re-reads a slice from L2 rather than DRAM (measured on an
+// H100: the unsliced apply re-read all 67 MB of a 32x64x64x128 float32 batch from DRAM).
+// Slicing only chooses which groups a launch covers: chunks, partial layout and sums, and so
+// the results, stay the same bits.
 #pragma once
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "cuda_common.cuh"
 
@@ -23,6 +37,13 @@ constexpr int kStatsThreads = 256;
 constexpr int kStatsWarps = kStatsThreads / 32;
 constexpr int kChunkVectorsPerThread = 16;     // chunked path: vectors each thread reads
 constexpr int64_t kFusedBudget = 100 << 10;    // fused tile bytes that leave 2 CTAs per SM
+// Share of L2 (num / den) one chunked slice may read: the rest is left to the y/dx writes
+// (which also allocate in L2), the partial sums and other streams, so that the slice's data
+// is still there when apply re-reads it.
+constexpr int64_t kL2SliceShareNum = 2, kL2SliceShareDen = 5;  // 40%
+
+// Which kernels serve a plan, in order of preference (PlanStats picks the first that fits).
+enum class StatsPath { kFused, kCluster, kChunked };
 
 struct StatsPlan {
   int64_t n = 0, c = 0, hw = 0;
@@ -38,19 +59,45 @@ struct StatsPlan {
   int64_t chunks = 1;           // chunks per group
   int64_t stats = 0;            // number of statistics: n * c or c
   int64_t count = 0;            // elements per statistic: hw or n * hw
-  bool fused = false;
-  int per_thread = 0;           // fused: vectors each thread keeps in shared memory
+  StatsPath path = StatsPath::kChunked;
+  int cluster = 1;              // cluster path: CTAs per group (= chunks, one chunk each)
+  int per_thread = 0;           // fused/cluster: vectors each thread keeps in shared memory
   int sums = 1;                 // sums per channel reduced together (1 or 2)
-  int arrays = 1;               // image arrays kept on chip by the fused path (x; dy and x)
+  int arrays = 1;               // image arrays kept on chip (forward: x; gradient: dy and x)
+  // The groups [group_begin, group_end) one launch covers: all of them, or (chunked) one slice
+  // of slice_groups consecutive groups (the last slice may be smaller).
+  int64_t group_begin = 0, group_end = 0;
+  int64_t slice_groups = 0;
 
+  __host__ __device__ bool on_chip() const { return path != StatsPath::kChunked; }
   __host__ __device__ int width() const { return lanes * vec; }   // channel slots reduced per CTA
   __host__ __device__ int64_t planes() const { return per_image ? 1 : n; }
-  __host__ __device__ int64_t blocks() const { return fused ? groups : groups * chunks; }
+  // CTAs of one launch over the plan's groups [group_begin, group_end).
+  __host__ __device__ int64_t blocks() const {
+    return (group_end - group_begin) * (path == StatsPath::kFused ? 1 : chunks);
+  }
+  // The first statistic of group g; stat_of_group(groups) = stats. Consecutive groups hold
+  // consecutive statistics, so groups [g0, g1) hold statistics [stat_of_group(g0),
+  // stat_of_group(g1)) (NHWC: the channel blocks of an image tile its channels in order).
+  __host__ __device__ int64_t stat_of_group(int64_t g) const {
+    if (!channels_last) return g;
+    const int64_t img = per_image ? g / cblocks : 0, cb = per_image ? g % cblocks : g;
+    const int64_t channel = cb * width();
+    return img * c + (channel < c ? channel : c);
+  }
+  int64_t slices() const { return CeilDiv(groups, slice_groups); }
+  // The plan restricted to the slice of groups starting at g0.
+  StatsPlan slice(int64_t g0) const {
+    StatsPlan s = *this;
+    s.group_begin = g0;
+    s.group_end = std::min(groups, g0 + slice_groups);
+    return s;
+  }
   // Dynamic shared memory: the tile, then per-warp reduction rows, reduced totals and the
   // per-slot coefficient table (see SharedLayout).
   template <typename T, typename A>
   int64_t shared_bytes() const {
-    const int64_t tile = fused ? int64_t(per_thread) * kStatsThreads * vec * sizeof(T) * arrays : 0;
+    const int64_t tile = on_chip() ? int64_t(per_thread) * kStatsThreads * vec * sizeof(T) * arrays : 0;
     return tile + int64_t(kStatsWarps + 1) * sums * width() * sizeof(A) +
            int64_t(width()) * 4 * sizeof(A);
   }
@@ -138,7 +185,7 @@ struct SharedLayout {
   Coef<A>* coef;
   __device__ SharedLayout(const StatsPlan& p, unsigned char* smem) {
     tile = reinterpret_cast<Vec<T, V>*>(smem);
-    const int64_t tile_vectors = p.fused ? int64_t(p.per_thread) * kStatsThreads * p.arrays : 0;
+    const int64_t tile_vectors = p.on_chip() ? int64_t(p.per_thread) * kStatsThreads * p.arrays : 0;
     red = reinterpret_cast<A*>(smem + tile_vectors * sizeof(Vec<T, V>));
     totals = red + kStatsWarps * p.sums * p.width();
     coef = reinterpret_cast<Coef<A>*>(totals + p.sums * p.width());
@@ -223,8 +270,10 @@ __device__ __forceinline__ Coef<A> ForwardCoef(const StatsPlan& p, const Forward
                                                int64_t k, A mean, A var) {
   const A rstd = A(1) / sqrt(var + fp.epsilon);
   const int64_t ch = ChannelOf(p, k);
-  fp.mean_out[k] = mean;
-  fp.second_out[k] = fp.second_is_rstd ? rstd : var;
+  if (fp.mean_out != nullptr) {  // null: another CTA of the group writes the statistics
+    fp.mean_out[k] = mean;
+    fp.second_out[k] = fp.second_is_rstd ? rstd : var;
+  }
   return Coef<A>{mean, A(0), rstd * fp.gamma[ch], fp.beta[ch]};
 }
 
@@ -241,8 +290,10 @@ __device__ __forceinline__ Coef<A> GradientCoef(const StatsPlan& p, const Gradie
     cf.b += A(2) * gp.dvariance[ch] * inv_m;
     cf.c += gp.dmean[ch] * inv_m;
   }
-  gp.sum_g_out[k] = sum_g;
-  gp.sum_gx_out[k] = sum_gx;
+  if (gp.sum_g_out != nullptr) {  // null: another CTA of the group writes the sums
+    gp.sum_g_out[k] = sum_g;
+    gp.sum_gx_out[k] = sum_gx;
+  }
   return cf;
 }
 
@@ -259,18 +310,57 @@ __device__ __forceinline__ Vec<T, V> ApplyCoef(const Coef<A> (&cf)[V], const Vec
   return out;
 }
 
-// ---- fused kernels: one CTA per group, the group kept in shared memory ----------------------
+// ---- on-chip kernels: the group (fused) or one chunk of it (cluster) kept in shared memory ---
 
-// Visits the vectors thread t owns in group g in a fixed order: f(m, element_index), with m
+// The group a CTA works on and the chunks [q0, q1) it holds: all of them (fused, one CTA per
+// group) or the one of its cluster rank (cluster: the CTAs of group g are g*G .. g*G+G-1).
+struct TileSpan {
+  int64_t g, q0, q1;
+};
+template <bool kCluster>
+__device__ __forceinline__ TileSpan MyTile(const StatsPlan& p) {
+  if constexpr (kCluster) {
+    const int64_t q = ClusterRank();
+    return {p.group_begin + int64_t(blockIdx.x) / p.cluster, q, q + 1};
+  } else {
+    return {p.group_begin + int64_t(blockIdx.x), 0, p.chunks};
+  }
+}
+
+// Visits the vectors thread t owns in its tile in a fixed order: f(m, element_index), with m
 // the running index of the vector in the thread's shared-memory column.
 template <typename F>
-__device__ __forceinline__ void ForEachGroupVector(const StatsPlan& p, int64_t g, F&& f) {
+__device__ __forceinline__ void ForEachTileVector(const StatsPlan& p, const TileSpan& tile,
+                                                  F&& f) {
   int m = 0;
-  for (int64_t q = 0; q < p.chunks; ++q) {
-    const Cursor cur = MakeCursor(p, g, q, threadIdx.x);
+  for (int64_t q = tile.q0; q < tile.q1; ++q) {
+    const Cursor cur = MakeCursor(p, tile.g, q, threadIdx.x);
 #pragma unroll 4
     for (int s = 0; s < cur.count; ++s) f(m + s, cur.base + s * cur.stride);
     m += cur.count;
+  }
+}
+
+// The group's totals of the n values BlockReduce left in `totals`: this CTA's own (fused), or
+// (cluster) the sum over the cluster's CTAs read through distributed shared memory, added in
+// rank order so that every CTA gets the same bits, written to `red` (free after BlockReduce:
+// the caller must __syncthreads after reading it and before the next BlockReduce).
+template <bool kCluster, typename A>
+__device__ __forceinline__ const A* GroupTotals(const StatsPlan& p, int n, A* totals, A* red) {
+  if constexpr (kCluster) {
+    ClusterSync();  // every CTA's partials are written
+    for (int i = threadIdx.x; i < n; i += kStatsThreads) {
+      A sum = 0;
+      for (int r = 0; r < p.cluster; ++r) sum += ClusterShared(totals, unsigned(r))[i];
+      red[i] = sum;
+    }
+    // Every CTA has read the others' partials: they may now be overwritten, or their CTA exit
+    // (a CTA's shared memory must outlive the remote reads).
+    ClusterSync();
+    return red;
+  } else {
+    (void)p, (void)n, (void)red;
+    return totals;
   }
 }
 
@@ -282,32 +372,34 @@ __device__ __forceinline__ void ReadCoefs(const StatsPlan& p, const Coef<A>* tab
   for (int e = 0; e < V; ++e) cf[e] = table[MySlot<V>(p, e)];
 }
 
-template <typename T, typename A, int V>
-__global__ void __launch_bounds__(kStatsThreads)
-    FusedForwardKernel(StatsPlan p, const T* __restrict__ x, T* __restrict__ y,
-                       ForwardParams<A> fp) {
+// Forward over one tile: load x once into shared memory, mean, then the exact variance of the
+// centred values (second pass over shared memory), then y.
+template <typename T, typename A, int V, bool kCluster>
+__device__ __forceinline__ void ForwardTile(const StatsPlan& p, const T* __restrict__ x,
+                                            T* __restrict__ y, const ForwardParams<A>& fp) {
   JAXMPS_DYNAMIC_SHARED(smem);
   SharedLayout<T, A, V> sh(p, smem);
-  const int64_t g = blockIdx.x;
+  const TileSpan tile = MyTile<kCluster>(p);
   const int t = threadIdx.x, width = p.width();
   const A inv_m = A(1) / A(p.count);
 
   A acc[1][V] = {};
-  ForEachGroupVector(p, g, [&](int m, int64_t at) {
+  ForEachTileVector(p, tile, [&](int m, int64_t at) {
     const Vec<T, V> v = LoadVec<T, V>(x + at);
     sh.tile[m * kStatsThreads + t] = v;
 #pragma unroll
     for (int e = 0; e < V; ++e) acc[0][e] += ToAcc(v.v[e]);
   });
   BlockReduce<A, 1, V>(p, acc, sh.red, sh.totals);
-  if (t < width) sh.coef[t].mean = sh.totals[t] * inv_m;
+  const A* sums = GroupTotals<kCluster>(p, width, sh.totals, sh.red);
+  if (t < width) sh.coef[t].mean = sums[t] * inv_m;
   __syncthreads();
   Coef<A> cf[V];
   ReadCoefs<A, V>(p, sh.coef, cf);
   // Exact second pass over shared memory: the variance of the centred values.
 #pragma unroll
   for (int e = 0; e < V; ++e) acc[0][e] = 0;
-  ForEachGroupVector(p, g, [&](int m, int64_t) {
+  ForEachTileVector(p, tile, [&](int m, int64_t) {
     const Vec<T, V> v = sh.tile[m * kStatsThreads + t];
 #pragma unroll
     for (int e = 0; e < V; ++e) {
@@ -316,30 +408,35 @@ __global__ void __launch_bounds__(kStatsThreads)
     }
   });
   BlockReduce<A, 1, V>(p, acc, sh.red, sh.totals);
+  sums = GroupTotals<kCluster>(p, width, sh.totals, sh.red);
   if (t < width) {
-    const SlotIndex si = SlotOf(p, g, t);
-    if (si.valid) sh.coef[t] = ForwardCoef(p, fp, si.k, sh.coef[t].mean, sh.totals[t] * inv_m);
+    const SlotIndex si = SlotOf(p, tile.g, t);
+    ForwardParams<A> own = fp;  // statistics outputs: written by a cluster's rank 0 only
+    if (kCluster && tile.q0 != 0) own.mean_out = own.second_out = nullptr;
+    if (si.valid) sh.coef[t] = ForwardCoef(p, own, si.k, sh.coef[t].mean, sums[t] * inv_m);
   }
   __syncthreads();
   ReadCoefs<A, V>(p, sh.coef, cf);
-  ForEachGroupVector(p, g, [&](int m, int64_t at) {
+  ForEachTileVector(p, tile, [&](int m, int64_t at) {
     const Vec<T, V> v = sh.tile[m * kStatsThreads + t];
     StoreVec<T, V>(y + at, ApplyCoef<T, A, V, false>(cf, v, v));
   });
 }
 
-template <typename T, typename A, int V>
-__global__ void __launch_bounds__(kStatsThreads)
-    FusedGradientKernel(StatsPlan p, const T* __restrict__ dy, const T* __restrict__ x,
-                        T* __restrict__ dx, GradientParams<A> gp) {
+// Gradient over one tile: load dy and x once into shared memory, sums of g and g * xhat,
+// then dx from shared memory.
+template <typename T, typename A, int V, bool kCluster>
+__device__ __forceinline__ void GradientTile(const StatsPlan& p, const T* __restrict__ dy,
+                                             const T* __restrict__ x, T* __restrict__ dx,
+                                             const GradientParams<A>& gp) {
   JAXMPS_DYNAMIC_SHARED(smem);
   SharedLayout<T, A, V> sh(p, smem);
   Vec<T, V>* gtile = sh.tile + int64_t(p.per_thread) * kStatsThreads;
-  const int64_t g = blockIdx.x;
+  const TileSpan tile = MyTile<kCluster>(p);
   const int t = threadIdx.x, width = p.width();
 
   // The input statistics of the thread's slots (xhat = (x - mean) * rstd).
-  const Cursor c0 = MakeCursor(p, g, 0, t);
+  const Cursor c0 = MakeCursor(p, tile.g, tile.q0, t);
   A mean[V], rstd[V];
 #pragma unroll
   for (int e = 0; e < V; ++e) {
@@ -349,7 +446,7 @@ __global__ void __launch_bounds__(kStatsThreads)
     rstd[e] = live ? RstdOf(gp, k) : A(0);
   }
   A acc[2][V] = {};
-  ForEachGroupVector(p, g, [&](int m, int64_t at) {
+  ForEachTileVector(p, tile, [&](int m, int64_t at) {
     const Vec<T, V> xv = LoadVec<T, V>(x + at), gv = LoadVec<T, V>(dy + at);
     sh.tile[m * kStatsThreads + t] = xv;
     gtile[m * kStatsThreads + t] = gv;
@@ -361,17 +458,54 @@ __global__ void __launch_bounds__(kStatsThreads)
     }
   });
   BlockReduce<A, 2, V>(p, acc, sh.red, sh.totals);
+  const A* sums = GroupTotals<kCluster>(p, 2 * width, sh.totals, sh.red);
   if (t < width) {
-    const SlotIndex si = SlotOf(p, g, t);
-    if (si.valid) sh.coef[t] = GradientCoef(p, gp, si.k, sh.totals[t], sh.totals[width + t]);
+    const SlotIndex si = SlotOf(p, tile.g, t);
+    GradientParams<A> own = gp;  // the sums: written by a cluster's rank 0 only
+    if (kCluster && tile.q0 != 0) own.sum_g_out = own.sum_gx_out = nullptr;
+    if (si.valid) sh.coef[t] = GradientCoef(p, own, si.k, sums[t], sums[width + t]);
   }
   __syncthreads();
   Coef<A> cf[V];
   ReadCoefs<A, V>(p, sh.coef, cf);
-  ForEachGroupVector(p, g, [&](int m, int64_t at) {
+  ForEachTileVector(p, tile, [&](int m, int64_t at) {
     StoreVec<T, V>(dx + at, ApplyCoef<T, A, V, true>(cf, sh.tile[m * kStatsThreads + t],
                                                      gtile[m * kStatsThreads + t]));
   });
+}
+
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(kStatsThreads)
+    FusedForwardKernel(StatsPlan p, const T* __restrict__ x, T* __restrict__ y,
+                       ForwardParams<A> fp) {
+  ForwardTile<T, A, V, false>(p, x, y, fp);
+}
+
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(kStatsThreads)
+    FusedGradientKernel(StatsPlan p, const T* __restrict__ dy, const T* __restrict__ x,
+                        T* __restrict__ dx, GradientParams<A> gp) {
+  GradientTile<T, A, V, false>(p, dy, x, dx, gp);
+}
+
+// Cluster kernels: launched in clusters of p.cluster CTAs (LaunchCluster); empty where the
+// target has no clusters (sm_80), where PlanStats never picks them.
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(kStatsThreads)
+    ClusterForwardKernel(StatsPlan p, const T* __restrict__ x, T* __restrict__ y,
+                         ForwardParams<A> fp) {
+#if JAXMPS_CLUSTER_CODE
+  ForwardTile<T, A, V, true>(p, x, y, fp);
+#endif
+}
+
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(kStatsThreads)
+    ClusterGradientKernel(StatsPlan p, const T* __restrict__ dy, const T* __restrict__ x,
+                          T* __restrict__ dx, GradientParams<A> gp) {
+#if JAXMPS_CLUSTER_CODE
+  GradientTile<T, A, V, true>(p, dy, x, dx, gp);
+#endif
 }
 
 // ---- chunked kernels ------------------------------------------------------------------------
@@ -385,7 +519,7 @@ __global__ void __launch_bounds__(kStatsThreads)
                   GradientParams<A> gp, A* __restrict__ partial) {
   JAXMPS_DYNAMIC_SHARED(smem);
   SharedLayout<T, A, V> sh(p, smem);
-  const int64_t g = blockIdx.x / p.chunks, q = blockIdx.x % p.chunks;
+  const int64_t g = p.group_begin + blockIdx.x / p.chunks, q = blockIdx.x % p.chunks;
   const int t = threadIdx.x, width = p.width();
   const Cursor cur = MakeCursor(p, g, q, t);
   A ref[V] = {}, rstd[V] = {};
@@ -433,17 +567,19 @@ __global__ void __launch_bounds__(kStatsThreads)
   }
 }
 
-// One warp per statistic: sums its chunks' partials in a fixed order (lanes strided over
-// chunks, then a butterfly) and writes the statistic outputs and the apply coefficients.
+// One warp per statistic of the plan's groups: sums its chunks' partials in a fixed order
+// (lanes strided over chunks, then a butterfly) and writes the statistic outputs and the
+// apply coefficients.
 constexpr int kFinalizeWarps = 8;
 
 template <typename T, typename A, bool kGrad>
 __global__ void __launch_bounds__(kFinalizeWarps * 32)
     FinalizeKernel(StatsPlan p, const T* __restrict__ x, const A* __restrict__ partial,
                    ForwardParams<A> fp, GradientParams<A> gp, Coef<A>* __restrict__ coef) {
-  const int64_t k = int64_t(blockIdx.x) * kFinalizeWarps + threadIdx.x / 32;
+  const int64_t k =
+      p.stat_of_group(p.group_begin) + int64_t(blockIdx.x) * kFinalizeWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (k >= p.stats) return;
+  if (k >= p.stat_of_group(p.group_end)) return;
   A s0 = 0, s1 = 0;
   for (int64_t q = lane; q < p.chunks; q += 32) {
     s0 += partial[k * p.chunks + q];
@@ -464,13 +600,14 @@ __global__ void __launch_bounds__(kFinalizeWarps * 32)
   }
 }
 
-// Applies per-statistic coefficients chunk by chunk, last chunk first (L2 reuse, see top).
+// Applies per-statistic coefficients chunk by chunk over the plan's groups, last chunk first
+// (L2 reuse, see top).
 template <typename T, typename A, int V, bool kGrad>
 __global__ void __launch_bounds__(kStatsThreads)
     ApplyKernel(StatsPlan p, const T* __restrict__ x, const T* __restrict__ dy,
                 const Coef<A>* __restrict__ coef, T* __restrict__ out) {
   const int64_t b = int64_t(gridDim.x) - 1 - blockIdx.x;
-  const int64_t g = b / p.chunks, q = b % p.chunks;
+  const int64_t g = p.group_begin + b / p.chunks, q = b % p.chunks;
   const Cursor cur = MakeCursor(p, g, q, threadIdx.x);
   if (cur.count == 0) return;
   Coef<A> cf[V];
@@ -486,20 +623,34 @@ __global__ void __launch_bounds__(kStatsThreads)
   }
 }
 
-// dgamma[c] = sum_n sum_gx[n, c], dbeta[c] = sum_n sum_g[n, c], images in order.
+// dgamma[c] = sum_n sum_gx[n, c], dbeta[c] = sum_n sum_g[n, c], images in order. One thread
+// per (output, channel), 64 per CTA (more CTAs in flight than one per 128 channels); each
+// issues the loads of kSumImagesUnroll images before adding them in order, so it waits on
+// memory once per batch of images rather than once per image. Same additions, same order.
+constexpr int kSumImagesThreads = 64;
+constexpr int kSumImagesUnroll = 8;
+
 template <typename A>
-__global__ void SumOverImagesKernel(int64_t n, int64_t c, const A* __restrict__ sum_g,
-                                    const A* __restrict__ sum_gx, A* __restrict__ dgamma,
-                                    A* __restrict__ dbeta) {
-  const int64_t ch = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (ch >= c) return;
-  A g = 0, gx = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    g += sum_g[i * c + ch];
-    gx += sum_gx[i * c + ch];
+__global__ void __launch_bounds__(kSumImagesThreads)
+    SumOverImagesKernel(int64_t n, int64_t c, const A* __restrict__ sum_g,
+                        const A* __restrict__ sum_gx, A* __restrict__ dgamma,
+                        A* __restrict__ dbeta) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= 2 * c) return;
+  const bool gx = i >= c;
+  const int64_t ch = gx ? i - c : i;
+  const A* in = (gx ? sum_gx : sum_g) + ch;
+  A total = 0;
+  int64_t img = 0;
+  for (; img + kSumImagesUnroll <= n; img += kSumImagesUnroll) {
+    A v[kSumImagesUnroll];
+#pragma unroll
+    for (int u = 0; u < kSumImagesUnroll; ++u) v[u] = __ldg(in + (img + u) * c);
+#pragma unroll
+    for (int u = 0; u < kSumImagesUnroll; ++u) total += v[u];
   }
-  dgamma[ch] = gx;
-  dbeta[ch] = g;
+  for (; img < n; ++img) total += __ldg(in + img * c);
+  (gx ? dgamma : dbeta)[ch] = total;
 }
 
 // Inference coefficients from given statistics: y = (x - mean) * gamma * rstd + beta.
@@ -515,13 +666,61 @@ __global__ void InferenceCoefKernel(int64_t c, const A* __restrict__ gamma,
 
 // ---- host side: planning and launching ------------------------------------------------------
 
-// Plans a statistics sweep over image `s`. `sums`: sums per channel (forward 1 fused / 2
-// chunked, gradient 2); `arrays`: images kept on chip by the fused path (forward 1, gradient
-// 2); `max_vec`: widest legal vector (VectorWidth over C for NHWC, H*W for NCHW);
-// `allow_fused`: false for apply-only sweeps (inference).
+// Whether the current device can run clusters of plan p's cluster kernel (forward or
+// gradient). Answers are cached per (device, kernel, shared memory, cluster size): the
+// occupancy query would otherwise run on every call of the handler.
+template <typename T, typename A>
+bool ClusterRunnable(const StatsPlan& p, bool gradient) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, int64_t, int>, bool> cache;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  bool runnable = false;
+  (void)DispatchVector<T>(p.vec, [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    const void* kernel = gradient ? reinterpret_cast<const void*>(ClusterGradientKernel<T, A, V>)
+                                  : reinterpret_cast<const void*>(ClusterForwardKernel<T, A, V>);
+    const int64_t smem = p.shared_bytes<T, A>();
+    std::lock_guard<std::mutex> lock(mu);
+    const auto key = std::make_tuple(device, kernel, smem, p.cluster);
+    auto it = cache.find(key);
+    if (it == cache.end()) {
+      const bool ok = AllowSharedMemory("stats", kernel, smem).success() &&
+                      MaxActiveClusters(kernel, p.cluster, kStatsThreads, smem) > 0;
+      it = cache.emplace(key, ok).first;
+    }
+    runnable = it->second;
+    return ffi::Error::Success();
+  });
+  return runnable;
+}
+
+// Groups per slice of a chunked sweep: as many as keep the data of one slice (every array the
+// partial kernel reads, of `item_bytes` elements) within the L2 slice share, at least one;
+// then evened out over the slices that takes, so the last slice is not a small tail. All
+// groups in one slice where the data fits, or where L2's size is unknown (l2_bytes = 0).
+inline int64_t SliceGroups(const StatsPlan& p, int64_t item_bytes, const DeviceLimits& limits) {
+  const int64_t group_channels = p.channels_last ? std::min<int64_t>(p.width(), p.c) : 1;
+  const int64_t group_bytes = p.count * group_channels * item_bytes * p.arrays;
+  const int64_t budget = limits.l2_bytes * kL2SliceShareNum / kL2SliceShareDen;
+  if (budget <= 0 || group_bytes * p.groups <= budget) return p.groups;
+  const int64_t fitting = std::max<int64_t>(1, budget / group_bytes);
+  // A slice must still fill the GPU: measured on H100 (batch norm, N=32, 64x64, C=128 f32),
+  // four slices of 256 partial-kernel CTAs each ran the partial sums at 1.6 TB/s and added three
+  // finalize launches (~4.6 us each): forward 0.098 -> 0.141 ms (NCHW, slices of 1280 CTAs:
+  // 0.092 -> 0.124 ms). Slice only tensors large enough that every slice keeps at least 32
+  // CTAs per SM (unmeasured on a GPU: no such size was benchmarked).
+  if (fitting * p.chunks < 32 * int64_t(limits.sm_count)) return p.groups;
+  return CeilDiv(p.groups, CeilDiv(p.groups, fitting));
+}
+
+// Plans a statistics sweep over image `s`. `arrays`: images kept on chip by the fused and
+// cluster paths (forward 1, gradient 2); `max_vec`: widest legal vector (VectorWidth over C
+// for NHWC, H*W for NCHW); `allow_on_chip`: false for apply-only sweeps (inference). Picks the
+// fused path, else the cluster path (compute capability >= 9), else chunking.
 template <typename T, typename A>
 StatsPlan PlanStats(const ImageShape& s, bool per_image, int arrays, int max_vec,
-                    const DeviceLimits& limits, bool allow_fused) {
+                    const DeviceLimits& limits, bool allow_on_chip) {
   StatsPlan base;
   base.n = s.n, base.c = s.c, base.hw = s.pixels();
   base.channels_last = s.channels_last;
@@ -531,28 +730,39 @@ StatsPlan PlanStats(const ImageShape& s, bool per_image, int arrays, int max_vec
   base.arrays = arrays;
 
   // NHWC: lanes vectors of vec channels per row; NCHW: vectors of vec pixels, one channel.
-  auto configure = [&](int vec, int lanes, bool fused) {
+  // `cluster`: CTAs per group on the cluster path (each holds one of that many chunks).
+  auto configure = [&](int vec, int lanes, StatsPath path, int cluster) {
     StatsPlan p = base;
-    p.vec = vec, p.lanes = lanes, p.fused = fused;
-    p.sums = fused ? arrays : 2;  // fused forward reduces one sum at a time
+    p.vec = vec, p.lanes = lanes, p.path = path;
+    p.cluster = path == StatsPath::kCluster ? cluster : 1;
+    p.sums = p.on_chip() ? arrays : 2;  // on-chip forward reduces one sum at a time
+    const bool fused = path == StatsPath::kFused, clustered = path == StatsPath::kCluster;
+    int64_t rows_step = kStatsThreads;
     if (p.channels_last) {
+      rows_step = kStatsThreads / lanes;
       p.cblocks = CeilDiv(s.c, int64_t(lanes) * vec);
       p.rows = per_image ? s.pixels() : s.n * s.pixels();
       p.groups = (per_image ? s.n : 1) * p.cblocks;
-      const int64_t rows_step = kStatsThreads / lanes;
-      p.chunk_rows = fused ? p.rows : rows_step * kChunkVectorsPerThread;
-      p.chunks = CeilDiv(p.rows, p.chunk_rows);
-      p.per_thread = fused ? int(std::min<int64_t>(CeilDiv(p.rows, rows_step), 1 << 20)) : 0;
-    } else {
+      p.chunk_rows = fused       ? p.rows
+                     : clustered ? CeilDiv(p.rows, cluster)
+                                 : rows_step * kChunkVectorsPerThread;
+      p.chunks = clustered ? cluster : CeilDiv(p.rows, p.chunk_rows);
+    } else {  // clustered: the cluster's chunks cover the group's planes (cluster % planes == 0)
       p.rows = s.pixels() / vec;
       p.groups = p.stats;
-      p.chunk_rows = fused ? p.rows : int64_t(kStatsThreads) * kChunkVectorsPerThread;
-      p.chunks_per_plane = CeilDiv(p.rows, p.chunk_rows);
+      p.chunks_per_plane = fused ? 1 : clustered ? cluster / p.planes() : 0;
+      p.chunk_rows = p.chunks_per_plane > 0 ? CeilDiv(p.rows, p.chunks_per_plane)
+                                            : int64_t(kStatsThreads) * kChunkVectorsPerThread;
+      if (p.chunks_per_plane == 0) p.chunks_per_plane = CeilDiv(p.rows, p.chunk_rows);
       p.chunks = p.planes() * p.chunks_per_plane;
-      p.per_thread = fused ? int(std::min<int64_t>(
-                                 p.planes() * CeilDiv(p.rows, kStatsThreads), 1 << 20))
-                           : 0;
     }
+    // A fused CTA holds all of its group's chunks, a cluster CTA one.
+    p.per_thread = p.on_chip() ? int(std::min<int64_t>(
+                                     (fused ? p.chunks : 1) * CeilDiv(p.chunk_rows, rows_step),
+                                     1 << 20))
+                               : 0;
+    p.group_end = p.groups;
+    p.slice_groups = p.on_chip() ? p.groups : SliceGroups(p, sizeof(T), limits);
     return p;
   };
   auto max_lanes = [&](int vec) -> int {
@@ -562,22 +772,90 @@ StatsPlan PlanStats(const ImageShape& s, bool per_image, int arrays, int max_vec
   // NHWC rows narrower than this waste most of each 32-byte sector and make the fused path
   // slower than chunking (measured on H200: 2x); the chunked apply re-reads from L2 anyway.
   const int64_t min_row_bytes = std::min<int64_t>(64, s.c * int64_t(sizeof(T)));
-  if (allow_fused) {
+  // Visits the on-chip candidates of `path` in order of preference (a smaller tile budget,
+  // which leaves 2 CTAs per SM, first; then wider vectors, wider rows, smaller clusters) and
+  // returns the first that fits and `accept`s.
+  auto first_fit = [&](StatsPath path, std::initializer_list<int> clusters, auto&& accept,
+                       StatsPlan* out) {
     for (int64_t budget : {std::min(kFusedBudget, limits.max_smem_per_block),
                            limits.max_smem_per_block}) {
       for (int vec = max_vec; vec >= 1; vec /= 2) {
         for (int lanes = max_lanes(vec); lanes >= 1; lanes /= 2) {
           if (s.channels_last && int64_t(lanes) * vec * int64_t(sizeof(T)) < min_row_bytes) break;
-          StatsPlan p = configure(vec, lanes, true);
-          if (p.per_thread < (1 << 20) && p.shared_bytes<T, A>() <= budget) return p;
+          for (int cluster : clusters) {
+            const int64_t planes = per_image ? 1 : s.n;
+            if (!s.channels_last && cluster % planes != 0) continue;
+            const StatsPlan p = configure(vec, lanes, path, cluster);
+            if (p.per_thread < (1 << 20) && p.shared_bytes<T, A>() <= budget && accept(p)) {
+              *out = p;
+              return true;
+            }
+          }
         }
       }
+    }
+    return false;
+  };
+  StatsPlan plan;
+  if (allow_on_chip) {
+    if (first_fit(StatsPath::kFused, {1}, [](const StatsPlan&) { return true; }, &plan)) {
+      return plan;
+    }
+    // Portable cluster sizes (<= 8 CTAs), on devices with clusters that can co-schedule them.
+    const auto runnable = [&](const StatsPlan& p) { return ClusterRunnable<T, A>(p, arrays == 2); };
+    if (limits.compute_major >= 9 && first_fit(StatsPath::kCluster, {2, 4, 8}, runnable, &plan)) {
+      return plan;
     }
   }
   // Chunked: rows of up to 128 bytes per CTA (a full cache line when C allows).
   const int lanes = int(std::min<int64_t>(
       max_lanes(max_vec), std::max<int64_t>(1, 128 / (max_vec * int64_t(sizeof(T))))));
-  return configure(max_vec, lanes, false);
+  return configure(max_vec, lanes, StatsPath::kChunked, 1);
+}
+
+// Finalize kernel CTAs for the statistics of plan p's groups.
+inline int64_t FinalizeBlocks(const StatsPlan& p) {
+  return CeilDiv(p.stat_of_group(p.group_end) - p.stat_of_group(p.group_begin), kFinalizeWarps);
+}
+
+// Chunked forward, slice by slice. `partial` and `coef` are indexed by statistic over all
+// groups: every slice fills its own entries, as one unsliced sweep would.
+template <typename T, typename A, int V>
+ffi::Error LaunchChunkedForward(std::string_view op, cudaStream_t stream, const StatsPlan& p,
+                                const T* x, T* y, const ForwardParams<A>& fp, A* partial,
+                                Coef<A>* coef) {
+  for (int64_t g0 = 0; g0 < p.groups; g0 += p.slice_groups) {
+    const StatsPlan sp = p.slice(g0);
+    JAXMPS_RETURN_IF_ERROR(Launch(op, "the partial-sum kernel", PartialKernel<T, A, V, false>,
+                                  sp.blocks(), kStatsThreads, sp.shared_bytes<T, A>(), stream,
+                                  sp, x, nullptr, GradientParams<A>{}, partial));
+    JAXMPS_RETURN_IF_ERROR(Launch(op, "the finalize kernel", FinalizeKernel<T, A, false>,
+                                  FinalizeBlocks(sp), kFinalizeWarps * 32, 0, stream, sp, x,
+                                  partial, fp, GradientParams<A>{}, coef));
+    JAXMPS_RETURN_IF_ERROR(Launch(op, "the apply kernel", ApplyKernel<T, A, V, false>,
+                                  sp.blocks(), kStatsThreads, 0, stream, sp, x, nullptr, coef,
+                                  y));
+  }
+  return ffi::Error::Success();
+}
+
+// Chunked gradient, slice by slice (see LaunchChunkedForward).
+template <typename T, typename A, int V>
+ffi::Error LaunchChunkedGradient(std::string_view op, cudaStream_t stream, const StatsPlan& p,
+                                 const T* dy, const T* x, T* dx, const GradientParams<A>& gp,
+                                 A* partial, Coef<A>* coef) {
+  for (int64_t g0 = 0; g0 < p.groups; g0 += p.slice_groups) {
+    const StatsPlan sp = p.slice(g0);
+    JAXMPS_RETURN_IF_ERROR(Launch(op, "the partial-sum kernel", PartialKernel<T, A, V, true>,
+                                  sp.blocks(), kStatsThreads, sp.shared_bytes<T, A>(), stream,
+                                  sp, x, dy, gp, partial));
+    JAXMPS_RETURN_IF_ERROR(Launch(op, "the finalize kernel", FinalizeKernel<T, A, true>,
+                                  FinalizeBlocks(sp), kFinalizeWarps * 32, 0, stream, sp, x,
+                                  partial, ForwardParams<A>{}, gp, coef));
+    JAXMPS_RETURN_IF_ERROR(Launch(op, "the apply kernel", ApplyKernel<T, A, V, true>,
+                                  sp.blocks(), kStatsThreads, 0, stream, sp, x, dy, coef, dx));
+  }
+  return ffi::Error::Success();
 }
 
 // Forward sweep: y and the statistics outputs (fp.mean_out, fp.second_out).
@@ -586,23 +864,21 @@ ffi::Error LaunchStatsForward(std::string_view op, cudaStream_t stream,
                               ffi::ScratchAllocator& scratch, const StatsPlan& p, const T* x,
                               T* y, const ForwardParams<A>& fp) {
   const int64_t smem = p.shared_bytes<T, A>();
-  if (p.fused) {
+  if (p.path == StatsPath::kFused) {
     JAXMPS_RETURN_IF_ERROR(AllowSharedMemory(op, FusedForwardKernel<T, A, V>, smem));
     return Launch(op, "the fused forward kernel", FusedForwardKernel<T, A, V>, p.blocks(),
                   kStatsThreads, smem, stream, p, x, y, fp);
+  }
+  if (p.path == StatsPath::kCluster) {
+    JAXMPS_RETURN_IF_ERROR(AllowSharedMemory(op, ClusterForwardKernel<T, A, V>, smem));
+    return LaunchCluster(op, "the cluster forward kernel", ClusterForwardKernel<T, A, V>,
+                         p.blocks(), p.cluster, kStatsThreads, smem, stream, p, x, y, fp);
   }
   A* partial = nullptr;
   Coef<A>* coef = nullptr;
   JAXMPS_RETURN_IF_ERROR(AllocateScratch(scratch, op, 2 * p.stats * p.chunks, &partial));
   JAXMPS_RETURN_IF_ERROR(AllocateScratch(scratch, op, p.stats, &coef));
-  JAXMPS_RETURN_IF_ERROR(Launch(op, "the partial-sum kernel", PartialKernel<T, A, V, false>,
-                                p.blocks(), kStatsThreads, smem, stream, p, x, nullptr,
-                                GradientParams<A>{}, partial));
-  JAXMPS_RETURN_IF_ERROR(Launch(op, "the finalize kernel", FinalizeKernel<T, A, false>,
-                                CeilDiv(p.stats, kFinalizeWarps), kFinalizeWarps * 32, 0, stream,
-                                p, x, partial, fp, GradientParams<A>{}, coef));
-  return Launch(op, "the apply kernel", ApplyKernel<T, A, V, false>, p.blocks(), kStatsThreads,
-                0, stream, p, x, nullptr, coef, y);
+  return LaunchChunkedForward<T, A, V>(op, stream, p, x, y, fp, partial, coef);
 }
 
 // Gradient sweep: dx, and the per-statistic sums in gp.sum_g_out / gp.sum_gx_out.
@@ -611,30 +887,30 @@ ffi::Error LaunchStatsGradient(std::string_view op, cudaStream_t stream,
                                ffi::ScratchAllocator& scratch, const StatsPlan& p, const T* dy,
                                const T* x, T* dx, const GradientParams<A>& gp) {
   const int64_t smem = p.shared_bytes<T, A>();
-  if (p.fused) {
+  if (p.path == StatsPath::kFused) {
     JAXMPS_RETURN_IF_ERROR(AllowSharedMemory(op, FusedGradientKernel<T, A, V>, smem));
     return Launch(op, "the fused gradient kernel", FusedGradientKernel<T, A, V>, p.blocks(),
                   kStatsThreads, smem, stream, p, dy, x, dx, gp);
+  }
+  if (p.path == StatsPath::kCluster) {
+    JAXMPS_RETURN_IF_ERROR(AllowSharedMemory(op, ClusterGradientKernel<T, A, V>, smem));
+    return LaunchCluster(op, "the cluster gradient kernel", ClusterGradientKernel<T, A, V>,
+                         p.blocks(), p.cluster, kStatsThreads, smem, stream, p, dy, x, dx, gp);
   }
   A* partial = nullptr;
   Coef<A>* coef = nullptr;
   JAXMPS_RETURN_IF_ERROR(AllocateScratch(scratch, op, 2 * p.stats * p.chunks, &partial));
   JAXMPS_RETURN_IF_ERROR(AllocateScratch(scratch, op, p.stats, &coef));
-  JAXMPS_RETURN_IF_ERROR(Launch(op, "the partial-sum kernel", PartialKernel<T, A, V, true>,
-                                p.blocks(), kStatsThreads, smem, stream, p, x, dy, gp, partial));
-  JAXMPS_RETURN_IF_ERROR(Launch(op, "the finalize kernel", FinalizeKernel<T, A, true>,
-                                CeilDiv(p.stats, kFinalizeWarps), kFinalizeWarps * 32, 0, stream,
-                                p, x, partial, ForwardParams<A>{}, gp, coef));
-  return Launch(op, "the apply kernel", ApplyKernel<T, A, V, true>, p.blocks(), kStatsThreads, 0,
-                stream, p, x, dy, coef, dx);
+  return LaunchChunkedGradient<T, A, V>(op, stream, p, dy, x, dx, gp, partial, coef);
 }
 
 // dgamma, dbeta (C,) from per-image sums (N, C), summed over images in order.
 template <typename A>
 ffi::Error LaunchSumOverImages(std::string_view op, cudaStream_t stream, int64_t n, int64_t c,
                                const A* sum_g, const A* sum_gx, A* dgamma, A* dbeta) {
-  return Launch(op, "the sum-over-images kernel", SumOverImagesKernel<A>, CeilDiv(c, 128), 128,
-                0, stream, n, c, sum_g, sum_gx, dgamma, dbeta);
+  return Launch(op, "the sum-over-images kernel", SumOverImagesKernel<A>,
+                CeilDiv(2 * c, kSumImagesThreads), kSumImagesThreads, 0, stream, n, c, sum_g,
+                sum_gx, dgamma, dbeta);
 }
 
 // ---- handler helpers ------------------------------------------------------------------------
@@ -676,7 +952,7 @@ inline ffi::Error RunStatsForward(std::string_view op, bool per_image, cudaStrea
     const int max_vec = VectorWidth<T>(s.channels_last ? s.c : s.pixels(),
                                        {x.untyped_data(), y.untyped_data()});
     const StatsPlan plan = PlanStats<T, A>(s, per_image, /*arrays=*/1, max_vec, limits,
-                                           /*allow_fused=*/true);
+                                           /*allow_on_chip=*/true);
     ForwardParams<A> fp;
     fp.gamma = static_cast<const A*>(gamma.untyped_data());
     fp.beta = static_cast<const A*>(beta.untyped_data());
@@ -715,7 +991,7 @@ ffi::Error RunStatsGradient(std::string_view op, bool per_image, cudaStream_t st
     const int max_vec = VectorWidth<T>(s.channels_last ? s.c : s.pixels(),
                                        {x.untyped_data(), dy.untyped_data(), dx.untyped_data()});
     const StatsPlan plan = PlanStats<T, A>(s, per_image, /*arrays=*/2, max_vec, limits,
-                                           /*allow_fused=*/true);
+                                           /*allow_on_chip=*/true);
     GradientParams<A> gp;
     bind(gp, tag);
     if (per_image) {

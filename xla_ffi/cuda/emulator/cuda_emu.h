@@ -76,44 +76,101 @@ struct Block {
 };
 inline thread_local Block* block = nullptr;
 
-inline unsigned char* DynamicShared() {
-  auto p = reinterpret_cast<uintptr_t>(block->shared.data());
+// The 16-byte aligned start of a block's dynamic shared memory.
+inline unsigned char* SharedBase(Block& b) {
+  auto p = reinterpret_cast<uintptr_t>(b.shared.data());
   return reinterpret_cast<unsigned char*>((p + 15) & ~uintptr_t(15));
 }
+inline unsigned char* DynamicShared() { return SharedBase(*block); }
 
+// What the blocks of one thread-block cluster share: their block states (distributed shared
+// memory) and the cluster barrier. A plain launch runs clusters of one block.
+struct Cluster {
+  Cluster(int size, int threads) : sync(size * threads) {}
+  std::barrier<> sync;
+  std::vector<std::unique_ptr<Block>> blocks;
+};
+inline thread_local Cluster* cluster = nullptr;
+inline thread_local unsigned cluster_rank = 0;
+
+inline unsigned ClusterRank() { return cluster_rank; }
+inline void ClusterSync() { cluster->sync.arrive_and_wait(); }
+// The address in block `rank`'s shared memory that `p` has in this block's (map_shared_rank).
 template <typename T>
-T ShuffleXor(T v, int offset) {
+T* ClusterShared(T* p, unsigned rank) {
+  const auto offset = reinterpret_cast<unsigned char*>(p) - DynamicShared();
+  return reinterpret_cast<T*>(SharedBase(*cluster->blocks[rank]) + offset);
+}
+
+// Every lane of the warp posts v and reads the value posted by lane source(own lane).
+template <typename T, typename Source>
+T ShuffleFrom(T v, Source source) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
   const unsigned t = thread_idx.x, warp = t / 32, lane = t % 32;
   std::memcpy(&block->mailbox[t], &v, sizeof(T));
   block->warps[warp]->arrive_and_wait();
   T r;
-  std::memcpy(&r, &block->mailbox[warp * 32 + (lane ^ unsigned(offset))], sizeof(T));
+  std::memcpy(&r, &block->mailbox[warp * 32 + source(lane)], sizeof(T));
   block->warps[warp]->arrive_and_wait();
   return r;
+}
+
+template <typename T>
+T ShuffleXor(T v, int offset) {
+  return ShuffleFrom(v, [&](unsigned lane) { return lane ^ unsigned(offset); });
+}
+
+// CUDA's __shfl_up_sync / __shfl_down_sync within segments of `width` lanes: a
+// lane whose source falls outside its segment keeps its own value.
+template <typename T>
+T ShuffleUp(T v, unsigned delta, int width = 32) {
+  return ShuffleFrom(v, [&](unsigned lane) {
+    return lane % unsigned(width) >= delta ? lane - delta : lane;
+  });
+}
+template <typename T>
+T ShuffleDown(T v, unsigned delta, int width = 32) {
+  return ShuffleFrom(v, [&](unsigned lane) {
+    return lane % unsigned(width) + delta < unsigned(width) ? lane + delta : lane;
+  });
+}
+
+// Runs kernel(args...) over `blocks` blocks of `threads` threads in clusters of
+// `cluster_size` consecutive blocks: the blocks of one cluster run concurrently (each thread
+// on its own host thread), clusters one after another.
+template <typename... Params, typename... Args>
+void LaunchCluster(void (*kernel)(Params...), int64_t blocks, int cluster_size, int threads,
+                   int64_t smem, Args&&... args) {
+  std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+  for (int64_t first = 0; first < blocks; first += cluster_size) {
+    Cluster state(cluster_size, threads);
+    for (int r = 0; r < cluster_size; ++r)
+      state.blocks.push_back(std::make_unique<Block>(threads, smem));
+    std::vector<std::thread> pool;
+    pool.reserve(size_t(cluster_size) * threads);
+    for (int r = 0; r < cluster_size; ++r) {
+      for (int t = 0; t < threads; ++t) {
+        pool.emplace_back([&, r, t] {
+          thread_idx = {unsigned(t), 0, 0};
+          block_idx = {unsigned(first + r), 0, 0};
+          block_dim = {unsigned(threads), 1, 1};
+          grid_dim = {unsigned(blocks), 1, 1};
+          block = state.blocks[r].get();
+          cluster = &state;
+          cluster_rank = unsigned(r);
+          std::apply(kernel, params);
+        });
+      }
+    }
+    for (auto& th : pool) th.join();
+  }
 }
 
 // Runs kernel(args...) over `blocks` blocks of `threads` threads, one block at a time.
 template <typename... Params, typename... Args>
 void Launch(void (*kernel)(Params...), int64_t blocks, int threads, int64_t smem,
             Args&&... args) {
-  std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
-  for (int64_t b = 0; b < blocks; ++b) {
-    Block state(threads, smem);
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        thread_idx = {unsigned(t), 0, 0};
-        block_idx = {unsigned(b), 0, 0};
-        block_dim = {unsigned(threads), 1, 1};
-        grid_dim = {unsigned(blocks), 1, 1};
-        block = &state;
-        std::apply(kernel, params);
-      });
-    }
-    for (auto& th : pool) th.join();
-  }
+  LaunchCluster(kernel, blocks, 1, threads, smem, std::forward<Args>(args)...);
 }
 
 }  // namespace jaxmps::cuda::emu
@@ -124,3 +181,5 @@ void Launch(void (*kernel)(Params...), int64_t blocks, int threads, int64_t smem
 #define gridDim (::jaxmps::cuda::emu::grid_dim)
 #define __syncthreads() (::jaxmps::cuda::emu::block->sync.arrive_and_wait())
 #define __shfl_xor_sync(mask, value, offset) (::jaxmps::cuda::emu::ShuffleXor((value), (offset)))
+#define __shfl_up_sync(mask, ...) (::jaxmps::cuda::emu::ShuffleUp(__VA_ARGS__))
+#define __shfl_down_sync(mask, ...) (::jaxmps::cuda::emu::ShuffleDown(__VA_ARGS__))

@@ -1,0 +1,139 @@
+"""The CUDA statistics engine (xla_ffi/cuda/stats.cuh) on the CUDA emulator, path by path:
+fused (a group in one CTA), cluster (a group spread over a thread-block cluster that swaps
+partial sums through distributed shared memory, Hopper only) and chunked, each proven by the
+library's own plan (jaxmps_cuda_stats_plan) and checked against the jnp reference.
+
+Shapes are tiny: the emulated device 1 is an H100 with 16 KiB of shared memory per CTA, so a
+few thousand elements already overflow one CTA."""
+
+from __future__ import annotations
+
+import ctypes
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmps._src.samples import kernel_calls
+from test_cuda_emulator import _compare, _run, _targets
+from test_norm_native import _image
+
+FUSED, CLUSTER, CHUNKED = "fused", "cluster", "chunked"
+PATHS = {0: FUSED, 1: CLUSTER, 2: CHUNKED}
+H100, SMALL_H100, A100 = 0, 1, 2  # emulated devices (cuda_emu.cc)
+
+
+def _lib():
+    return _targets()["_lib"]
+
+
+@pytest.fixture
+def device():
+    """Selects an emulated device for one test; the full H100 again afterwards."""
+    lib = _lib()
+    yield lambda ordinal: lib.jaxmps_cuda_emu_select_device(ordinal)
+    lib.jaxmps_cuda_emu_select_device(H100)
+
+
+def _plan(nhwc, channels_last, dtype, gradient, per_image=True):
+    """(path, CTAs per group) that PlanStats picks on the current emulated device."""
+    n, h, w, c = nhwc
+    cluster = ctypes.c_int(0)
+    path = _lib().jaxmps_cuda_stats_plan(
+        ctypes.c_int64(n), ctypes.c_int64(h), ctypes.c_int64(w), ctypes.c_int64(c),
+        int(channels_last), int(per_image), jnp.dtype(dtype).itemsize, int(gradient),
+        ctypes.byref(cluster))
+    assert path in PATHS, path
+    return PATHS[path], cluster.value
+
+
+# (N, H, W, C) (logical NHWC), layout, dtype, op, then the (path, cluster size) of the forward
+# and of the gradient sweep on the 16 KiB device: every path, cluster sizes 2, 4 and 8, both
+# layouts, the three half/float dtypes, instance and batch norm.
+CASES = [
+    ((2, 12, 12, 8), True, "float32", "instance_norm", (FUSED, 1), (FUSED, 1)),
+    ((2, 32, 32, 4), True, "float32", "instance_norm", (CLUSTER, 2), (CLUSTER, 4)),
+    ((2, 32, 32, 4), True, "bfloat16", "instance_norm", (FUSED, 1), (CLUSTER, 2)),
+    ((2, 24, 24, 8), True, "float16", "instance_norm", (FUSED, 1), (CLUSTER, 4)),
+    ((2, 24, 24, 8), True, "float32", "instance_norm", (CLUSTER, 2), (CLUSTER, 8)),
+    ((1, 60, 60, 8), True, "float32", "instance_norm", (CLUSTER, 8), (CHUNKED, 1)),
+    ((1, 64, 64, 2), False, "float32", "instance_norm", (CLUSTER, 2), (CLUSTER, 4)),
+    ((1, 64, 64, 2), False, "bfloat16", "instance_norm", (FUSED, 1), (CLUSTER, 2)),
+    ((2, 24, 24, 8), True, "float32", "batch_norm", (CLUSTER, 4), (CLUSTER, 8)),
+    ((2, 24, 24, 8), False, "float32", "batch_norm", (CLUSTER, 2), (CLUSTER, 2)),
+]
+
+
+def _case_id(case):
+    shape, channels_last, dtype, op, fwd, grad = case
+    layout = "NHWC" if channels_last else "NCHW"
+    return f"{op}-{layout}-{dtype}-{'x'.join(map(str, shape))}-{fwd[0]}{fwd[1]}-{grad[0]}{grad[1]}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_each_path_matches_reference(device, case):
+    shape, channels_last, dtype, op, fwd, grad = case
+    device(SMALL_H100)
+    per_image = op == "instance_norm"
+    assert _plan(shape, channels_last, dtype, False, per_image) == fwd
+    assert _plan(shape, channels_last, dtype, True, per_image) == grad
+    x = _image(shape, dtype, channels_last, seed=7)
+    _compare(op, x, channels_last, (3, 3), dtype, scale=2.0 if dtype == "float32" else 1.0)
+
+
+def test_clusters_only_on_hopper(device):
+    """The issue-4 shape: clusters of 8 on an H100, chunking on a compute-capability-8 GPU
+    (whose sm_80 cluster kernels are empty and must never launch)."""
+    shape = (32, 64, 64, 128)
+    for dtype in ("float32", "bfloat16"):
+        for gradient in (False, True):
+            device(H100)
+            assert _plan(shape, True, dtype, gradient) == (CLUSTER, 8)
+            device(A100)
+            assert _plan(shape, True, dtype, gradient) == (CHUNKED, 1)
+
+
+def _outputs(op, x, channels_last):
+    return [np.asarray(o) for kernel, args, params in kernel_calls(op, x, channels_last)
+            for o in _run(kernel, args, params)]
+
+
+def test_cluster_path_is_bitwise_repeatable(device):
+    device(SMALL_H100)
+    shape = (2, 24, 24, 8)
+    assert _plan(shape, True, "float32", False)[0] == CLUSTER
+    assert _plan(shape, True, "float32", True)[0] == CLUSTER
+    x = _image(shape, "float32", True, seed=8) * 3.0 + 20.0
+    first, second = _outputs("instance_norm", x, True), _outputs("instance_norm", x, True)
+    for a, b in zip(first, second):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_cluster_path_nan_stays_in_its_group(device):
+    """A NaN in image 0, channel 1 poisons exactly that (image, channel)'s statistics, y and dx
+    and dgamma[1]; every other output stays finite and matches the reference."""
+    device(SMALL_H100)
+    shape = (2, 32, 32, 4)
+    assert _plan(shape, True, "float32", False)[0] == CLUSTER
+    assert _plan(shape, True, "float32", True)[0] == CLUSTER
+    x = np.array(_image(shape, "float32", True, seed=9))
+    x[0, 5, 7, 1] = np.nan
+    x = jnp.asarray(x)
+    (fwd, fargs, fparams), (grad, gargs, gparams) = kernel_calls("instance_norm", x, True)
+    y, mean, rstd = (np.asarray(o) for o in _run(fwd, fargs, fparams))
+    dx, dgamma, dbeta = (np.asarray(o) for o in _run(grad, gargs, gparams))
+    poisoned = np.zeros(y.shape, bool)
+    poisoned[0, :, :, 1] = True
+    np.testing.assert_array_equal(np.isnan(y), poisoned)
+    np.testing.assert_array_equal(np.isnan(dx), poisoned)
+    np.testing.assert_array_equal(np.isnan(mean), poisoned[:, 0, 0, :])
+    np.testing.assert_array_equal(np.isnan(dgamma), [False, True, False, False])
+    assert np.isfinite(dbeta).all()
+    _compare("instance_norm", x, True, (3, 3), "float32", scale=2.0)
+
+
+def test_sum_over_images_unrolled_and_tail(device):
+    """dgamma/dbeta add 9 images: one unrolled batch of 8, then the tail."""
+    device(H100)
+    x = _image((9, 5, 6, 4), "float32", True, seed=10)
+    _compare("instance_norm", x, True, (3, 3), "float32", scale=2.0)

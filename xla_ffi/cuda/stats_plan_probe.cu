@@ -1,0 +1,59 @@
+// Test hooks of the CUDA libraries: jaxmps_cuda_stats_plan (the statistics path PlanStats
+// picks for an image shape on the current device) and jaxmps_cuda_stats_slices (its L2 slices).
+#include "stats.cuh"
+
+namespace jaxmps::cuda {
+namespace {
+
+// The plan of the forward (gradient = false) or gradient sweep of instance or batch norm.
+template <typename T>
+bool ProbePlan(const ImageShape& s, bool per_image, bool gradient, StatsPlan* out) {
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  DeviceLimits limits;
+  if (CurrentDeviceLimits("stats_plan", &limits).failure()) return false;
+  // The handlers' vector width for buffers aligned to 16 bytes (XLA's are).
+  const int max_vec = VectorWidth<T>(s.channels_last ? s.c : s.pixels(), {});
+  *out = PlanStats<T, A>(s, per_image, gradient ? 2 : 1, max_vec, limits,
+                         /*allow_on_chip=*/true);
+  return true;
+}
+
+bool ProbePlan(int64_t n, int64_t h, int64_t w, int64_t c, int channels_last, int per_image,
+               int itemsize, int gradient, StatsPlan* out) {
+  ImageShape s;
+  s.n = n, s.h = h, s.w = w, s.c = c, s.channels_last = channels_last != 0;
+  switch (itemsize) {
+    case 2: return ProbePlan<__half>(s, per_image != 0, gradient != 0, out);
+    case 4: return ProbePlan<float>(s, per_image != 0, gradient != 0, out);
+    case 8: return ProbePlan<double>(s, per_image != 0, gradient != 0, out);
+    default: return false;
+  }
+}
+
+}  // namespace
+}  // namespace jaxmps::cuda
+
+// Returns 0 (fused), 1 (cluster; *cluster = CTAs per group) or 2 (chunked) for the forward
+// (gradient = 0) or gradient sweep of instance (per_image = 1) or batch norm over an image of
+// dtype size `itemsize` (2: float16/bfloat16, 4: float32, 8: float64); -1 on error.
+extern "C" __attribute__((visibility("default"))) int jaxmps_cuda_stats_plan(
+    int64_t n, int64_t h, int64_t w, int64_t c, int channels_last, int per_image, int itemsize,
+    int gradient, int* cluster) {
+  jaxmps::cuda::StatsPlan p;
+  if (!jaxmps::cuda::ProbePlan(n, h, w, c, channels_last, per_image, itemsize, gradient, &p)) {
+    return -1;
+  }
+  *cluster = p.cluster;
+  return int(p.path);
+}
+
+// The number of L2 slices of that sweep when it is chunked, 0 when it runs on chip, -1 on error.
+extern "C" __attribute__((visibility("default"))) int64_t jaxmps_cuda_stats_slices(
+    int64_t n, int64_t h, int64_t w, int64_t c, int channels_last, int per_image, int itemsize,
+    int gradient) {
+  jaxmps::cuda::StatsPlan p;
+  if (!jaxmps::cuda::ProbePlan(n, h, w, c, channels_last, per_image, itemsize, gradient, &p)) {
+    return -1;
+  }
+  return p.on_chip() ? 0 : p.slices();
+}
