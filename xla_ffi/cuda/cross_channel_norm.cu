@@ -1,5 +1,6 @@
 // Typed XLA FFI handlers (API 0.1) for MPSCNNCrossChannelNormalization on CUDA: targets
 // jaxmps_cross_channel_norm_forward and jaxmps_cross_channel_norm_gradient, NHWC and NCHW.
+#include "lane_window.cuh"
 #include "window.cuh"
 
 namespace jaxmps::cuda {
@@ -9,7 +10,8 @@ constexpr std::string_view kOp = "cross_channel_norm";
 
 // L = delta + alpha/N * sum of X^2 over the channel window (N = kernel_size), Y = X L^-beta:
 // the spatial norm's math with the window across channels. NHWC rows of channels go to the
-// row kernel, everything else (NCHW, very long windows) to the tile engine.
+// lane kernel when a row fits a warp's lanes and the window one neighbouring vector each side,
+// else to the row kernel; everything else (NCHW, very long windows) to the tile engine.
 template <bool kGrad>
 ffi::Error Run(cudaStream_t stream, ffi::ScratchAllocator& scratch, int64_t kernel_size,
                double alpha, double beta, double delta, int64_t channels_last,
@@ -29,11 +31,15 @@ ffi::Error Run(cudaStream_t stream, ffi::ScratchAllocator& scratch, int64_t kern
       using T = typename Types<decltype(tag)>::T;
       using A = typename Types<decltype(tag)>::Acc;
       if (s.size() == 0) return ran = true, ffi::Error::Success();
+      const T* xp = static_cast<const T*>(x.untyped_data());
+      const T* dyp = dy != nullptr ? static_cast<const T*>(dy->untyped_data()) : nullptr;
+      T* outp = static_cast<T*>(out.untyped_data());
+      const auto policy = make_policy(A(0));
+      JAXMPS_RETURN_IF_ERROR((TryLaneWindow<T, A, PowerNormPolicy<A>, kGrad>(
+          kOp, stream, s.n * s.pixels(), s.c, int(kernel_size), policy, xp, dyp, outp, &ran)));
+      if (ran) return ffi::Error::Success();
       return LaunchRowWindow<T, A, PowerNormPolicy<A>, kGrad>(
-          kOp, stream, s, int(kernel_size), make_policy(A(0)),
-          static_cast<const T*>(x.untyped_data()),
-          dy != nullptr ? static_cast<const T*>(dy->untyped_data()) : nullptr,
-          static_cast<T*>(out.untyped_data()), &ran);
+          kOp, stream, s, int(kernel_size), policy, xp, dyp, outp, &ran);
     }));
     if (ran) return ffi::Error::Success();
   }
@@ -60,6 +66,14 @@ ffi::Error Gradient(cudaStream_t stream, ffi::ScratchAllocator scratch, int64_t 
 
 }  // namespace
 }  // namespace jaxmps::cuda
+
+#ifdef JAXMPS_CUDA_EMU
+// Emulator library only (tests): how many times the lane kernel was launched, so the tests can
+// tell which path a call took.
+extern "C" __attribute__((visibility("default"))) int64_t jaxmps_cuda_emu_lane_window_launches() {
+  return jaxmps::cuda::lane_window_launches.load();
+}
+#endif
 
 JAXMPS_FFI_TARGET("jaxmps_cross_channel_norm_forward", JaxmpsCrossChannelNormForwardCuda,
                   jaxmps::cuda::Forward,
