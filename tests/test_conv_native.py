@@ -307,3 +307,40 @@ def test_fully_connected_rows_are_images(layout):
     w = random((10, 3, 2, 7), 1, np.float32)
     b = random((10,), 2, np.float32)
     _check_against_xla(x, w, b, layout, padding="valid")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("kernel,stride,dilation,pads,groups", [
+    ((3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((2, 3), (3, 2), (1, 2), (0, 2), 2),     # stride > kernel: unreached input pixels
+    ((3, 1), (2, 1), (2, 1), (-1, 0), 6),    # depthwise, a negative (cropping) pad
+    ((1, 1), (2, 2), (1, 1), (0, 0), 3),
+], ids=str)
+def test_gradients_by_vjp_match_the_explicit_gradients(kernel, stride, dilation, pads, groups,
+                                                       channels_last, dtype):
+    """The CUDA lowering of the gradient kernels (XLA's VJP of the forward,
+    reference/conv.py *_by_vjp) against the explicit zero-inserted / batch-grouped
+    convolutions of the reference kernels, on uneven geometries."""
+    from jaxmps._src.reference import conv as ref
+
+    kh, kw = kernel
+    params = dict(stride_h=stride[0], stride_w=stride[1], dilation_h=dilation[0],
+                  dilation_w=dilation[1], pad_top=pads[0], pad_left=pads[1], groups=groups,
+                  channels_last=channels_last)
+    h, w, c, o = 11, 10, 6, 12
+    oh = (h + 2 * pads[0] - (kh - 1) * dilation[0] - 1) // stride[0] + 1
+    ow = (w + 2 * pads[1] - (kw - 1) * dilation[1] - 1) // stride[1] + 1
+    x = jnp.asarray(random((2, h, w, c), 3)).astype(dtype)
+    dy = jnp.asarray(random((2, oh, ow, o), 4)).astype(dtype)
+    if not channels_last:
+        x, dy = jnp.transpose(x, (0, 3, 1, 2)), jnp.transpose(dy, (0, 3, 1, 2))
+    weights = jnp.asarray(random((o, kh, kw, c // groups), 5) * 0.3, jnp.float32)
+
+    expected = ref.conv2d_data_gradient(dy, weights, input_h=h, input_w=w, **params)
+    got = ref.conv2d_data_gradient_by_vjp(dy, weights, input_h=h, input_w=w, **params)
+    expected += ref.conv2d_weights_gradient(dy, x, kernel_h=kh, kernel_w=kw, **params)
+    got += ref.conv2d_weights_gradient_by_vjp(dy, x, kernel_h=kh, kernel_w=kw, **params)
+    for name, g, e in zip(("dx", "dweights", "dbias"), got, expected):
+        assert g.shape == e.shape and g.dtype == e.dtype, name
+        assert_close(g, e, dtype, scale=4.0, err_msg=name)

@@ -112,6 +112,7 @@ conv2d_data_gradient = Kernel(
     shapes=_data_gradient_shapes,
     batch=_image_weights_rule(("image", "weights"), ("image",)),
     xla_native=XLA_NATIVE,
+    xla_native_impl=ref.conv2d_data_gradient_by_vjp,
 )
 
 conv2d_weights_gradient = Kernel(
@@ -120,6 +121,7 @@ conv2d_weights_gradient = Kernel(
     shapes=_weights_gradient_shapes,
     batch=_weights_gradient_rule,
     xla_native=XLA_NATIVE,
+    xla_native_impl=ref.conv2d_weights_gradient_by_vjp,
 )
 
 ALL = (conv2d_forward, conv2d_data_gradient, conv2d_weights_gradient)

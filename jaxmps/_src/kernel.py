@@ -58,12 +58,15 @@ class Kernel:
       xla_native: platforms where XLA's own lowering of the reference *is* the native
         implementation (chosen by measurement, e.g. cuDNN convolution on "cuda"): there
         ``implementation="native"`` lowers to it instead of raising.
+      xla_native_impl: what those platforms lower (same signature and values as
+        `reference`; default `reference`), e.g. a formulation XLA optimises better.
     """
 
     def __init__(self, name: str, *, reference: Callable, shapes: Callable, batch: Callable,
-                 xla_native: Tuple[str, ...] = ()):
+                 xla_native: Tuple[str, ...] = (), xla_native_impl: Optional[Callable] = None):
         self.name = name
         self.xla_native = tuple(xla_native)
+        self.xla_native_impl = xla_native_impl or reference
         self.target = f"jaxmps_{name}"
         self.reference = reference
         self.primitive = p = Primitive(self.target)
@@ -103,8 +106,10 @@ class Kernel:
                 f"jaxmps.{self.name}: implementation='native' but no native kernel is available"
                 f" on {where} for {np.dtype(dtype).name} data (backends: {describe_backends()});"
                 " use implementation=None or 'reference'")
-        reference = functools.partial(self.call_reference, **params)
-        return mlir.lower_fun(reference, multiple_results=True)(ctx, *args)
+        xla_native = implementation != "reference" and platform in self.xla_native
+        fn = self.xla_native_impl if xla_native else self.reference
+        return mlir.lower_fun(lambda *a: tuple(fn(*a, **params)),
+                              multiple_results=True)(ctx, *args)
 
     def _jvp(self, primals, tangents, **params):
         out = self.bind(*primals, **params)

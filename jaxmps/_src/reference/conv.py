@@ -12,6 +12,7 @@ the exact adjoints written as convolutions, the same ones JAX's autodiff of the 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -105,3 +106,46 @@ def conv2d_weights_gradient(dy, x, *, stride_h: int, stride_w: int, dilation_h: 
         dimension_numbers=numbers, batch_group_count=groups, precision=lax.Precision.HIGHEST)
     axes = (0, 1, 2) if channels_last else (0, 2, 3)
     return dw, jnp.sum(ga, axis=axes)
+
+
+# ---- the gradients as XLA's own transposes of the forward --------------------------------------
+# On platforms where XLA's convolution is the native implementation (CUDA), the gradient
+# kernels lower to the VJP of the forward: XLA (and cuDNN) then see the formulation they
+# build for jax.grad of a convolution, which they are tuned for, instead of the explicit
+# zero-inserted / batch-grouped convolutions above. Same values (both are the exact adjoints).
+
+
+def conv2d_data_gradient_by_vjp(dy, weights, *, input_h: int, input_w: int, groups: int,
+                                channels_last: bool, **geometry):
+    """conv2d_data_gradient as the VJP in x of conv2d_forward. Returns (dx,)."""
+    n = dy.shape[0]
+    oh, ow = _spatial(dy.shape, channels_last)
+    c = weights.shape[3] * groups
+    shape = (n, input_h, input_w, c) if channels_last else (n, c, input_h, input_w)
+    bias = jnp.zeros((weights.shape[0],), weights.dtype)
+
+    def forward(x):
+        return conv2d_forward(x, weights, bias, groups=groups, output_h=oh, output_w=ow,
+                              channels_last=channels_last, **geometry)[0]
+    # The primal (a convolution of zeros) is dead code for XLA: only the transpose remains.
+    _, vjp = jax.vjp(forward, jnp.zeros(shape, dy.dtype))
+    return vjp(dy)
+
+
+def conv2d_weights_gradient_by_vjp(dy, x, *, kernel_h: int, kernel_w: int, groups: int,
+                                   channels_last: bool, **geometry):
+    """conv2d_weights_gradient as the VJP in the weights of conv2d_forward (summed over the
+    batch) and the sum of dy. Returns (dweights, dbias)."""
+    oh, ow = _spatial(dy.shape, channels_last)
+    o = dy.shape[3] if channels_last else dy.shape[1]
+    i = x.shape[3] if channels_last else x.shape[1]
+    pdt = acc_dtype(dy.dtype)
+    bias = jnp.zeros((o,), pdt)
+
+    def forward(weights):
+        return conv2d_forward(x, weights, bias, groups=groups, output_h=oh, output_w=ow,
+                              channels_last=channels_last, **geometry)[0]
+    _, vjp = jax.vjp(forward, jnp.zeros((o, kernel_h, kernel_w, i // groups), pdt))
+    (dw,) = vjp(dy)
+    axes = (0, 1, 2) if channels_last else (0, 2, 3)
+    return dw, jnp.sum(_acc(dy), axis=axes)
