@@ -3,25 +3,24 @@ time of each normalization op goes on a GPU (a development tool, not the benchma
 
 Times, per op, dtype and layout at the issue-4 shape (N=32, 64x64, C=128): the native and
 reference forward, forward+backward, and the native gradient kernel alone, pipelined as in
-scripts/gpu_bench.py, next to three copy ceilings measured in the same run (XLA's jitted
-``x + 1``, ``jnp.copy`` through a donated buffer, and PyTorch's ``copy_`` when present).
+scripts/gpu_bench.py, next to the copy ceilings measured in the same run
+(``harness.copy_ceilings``: ``jnp.copy``, ``x + 1``, PyTorch's ``copy_`` when present).
 ``--ncu`` runs every case once after one warm-up call, for ``ncu`` to attribute per-kernel
-times, DRAM bytes and L2 hit rates (see scripts/gpu_run.sh profile mode).
+times, DRAM bytes and L2 hit rates, e.g. ``ncu --clock-control none --csv --metrics
+gpu__time_duration.sum,dram__bytes_read.sum python3 scripts/gpu_profile.py --ncu``.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jaxmps
 from jaxmps.bench import harness
 from jaxmps.bench.harness import block
-from jaxmps.bench.norm_cases import KERNEL, OPS
+from jaxmps.bench.norm_cases import OPS, op_function
 
 SHAPE = (32, 64, 64, 128)
 INNER = 20
@@ -30,55 +29,6 @@ INNER = 20
 def timed(fn, repeats=15):
     """Median seconds per call over samples of INNER pipelined calls (harness.median_time)."""
     return harness.median_time(fn, repeats=repeats, inner=INNER)
-
-
-def op_fn(op, layout, impl):
-    kw = dict(data_format=layout, implementation=impl)
-    return {
-        "instance_norm": lambda x, g, b: jaxmps.instance_norm(x, g, b, **kw),
-        "batch_norm": lambda x, g, b: jaxmps.batch_norm(x, g, b, **kw)[0],
-        "spatial_norm": lambda x, g, b: jaxmps.spatial_norm(x, KERNEL, **kw),
-        "local_contrast_norm": lambda x, g, b: jaxmps.local_contrast_norm(x, KERNEL, **kw),
-        "cross_channel_norm": lambda x, g, b: jaxmps.cross_channel_norm(x, KERNEL, **kw),
-    }[op]
-
-
-def copy_ceilings(nbytes):
-    n = nbytes // 4
-    x = jnp.asarray(np.random.default_rng(1).standard_normal(n, dtype=np.float32))
-    plus = jax.jit(lambda a: a + 1.0)
-    out = {"xla_x_plus_1": 2 * nbytes / timed(lambda: plus(x))}
-    try:
-        import torch
-        t = torch.randn(n, device="cuda")
-        u = torch.empty_like(t)
-        # PyTorch calls are asynchronous too: time with events around INNER copies.
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(3):
-            u.copy_(t)
-        samples = []
-        for _ in range(15):
-            start.record()
-            for _ in range(INNER):
-                u.copy_(t)
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3 / INNER)
-        out["torch_copy_"] = 2 * nbytes / statistics.median(samples)
-        big = torch.randn(1 << 28, device="cuda")
-        big2 = torch.empty_like(big)
-        samples = []
-        for _ in range(5):
-            start.record()
-            big2.copy_(big)
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        out["torch_copy_1GiB"] = 2 * big.numel() * 4 / statistics.median(samples)
-        del big, big2
-    except Exception as e:  # noqa: BLE001 - PyTorch is optional here
-        out["torch_error"] = str(e)
-    return out
 
 
 def main():
@@ -91,8 +41,8 @@ def main():
     rng = np.random.default_rng(0)
     n, h, w, c = SHAPE
     if not args.ncu:
-        for k, v in copy_ceilings(n * h * w * c * 4).items():
-            print(f"copy ceiling {k}: {v / 1e9:.0f} GB/s" if isinstance(v, float) else f"{k}: {v}")
+        for k, v in harness.copy_ceilings(n * h * w * c * 4).items():
+            print(f"copy ceiling {k}: {v / 1e9:.0f} GB/s")
     print("| op | dtype | layout | fwd nat | fwd ref | f+b nat | f+b ref | grad nat | ms |")
     for dtype in args.dtypes:
         for layout in args.layouts:
@@ -103,7 +53,7 @@ def main():
             for op in args.ops:
                 row = {}
                 for impl in ("native", "reference"):
-                    f = op_fn(op, layout, impl)
+                    f = op_function(op, layout, impl)
                     fwd = jax.jit(lambda x, f=f: f(x, g, b))
 
                     def fb(x, dy, f=f):
@@ -118,7 +68,7 @@ def main():
                 if args.ncu:
                     continue
                 # The gradient kernel alone: the forward's residuals computed once outside.
-                f = op_fn(op, layout, "native")
+                f = op_function(op, layout, "native")
                 _, vjp = jax.vjp(lambda v: f(v, g, b), x)
                 grad_only = jax.jit(lambda dy, vjp=vjp: vjp(dy)[0])
                 row["grad native"] = timed(lambda: grad_only(dy))

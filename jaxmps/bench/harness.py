@@ -63,27 +63,33 @@ def median_time(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3,
     return statistics.median(samples)
 
 
-def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 20) -> float:
-    """Device memory bandwidth in bytes/s, counting bytes read + written: the fastest of a
-    device-to-device copy (``jnp.copy`` into a new buffer: XLA cannot alias a non-donated
+def copy_ceilings(nbytes: int = 256 << 20, repeats: int = 20) -> Dict[str, float]:
+    """Device memory bandwidths in bytes/s (bytes read + written) of copies of `nbytes`:
+    a device-to-device copy (``jnp.copy`` into a new buffer: XLA cannot alias a non-donated
     argument, so it copies), XLA's elementwise ``x + 1`` over the same bytes and, on a GPU
-    with PyTorch present, ``torch.Tensor.copy_`` (cudaMemcpy). The fastest is the strictest
-    roofline."""
+    with PyTorch present, ``torch.Tensor.copy_`` (cudaMemcpy)."""
     n = nbytes // 4
     x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.float32)
     gpu = jax.default_backend() == "gpu"
     inner = 10 if gpu else 1
-    copies = [lambda f=jax.jit(jnp.copy): f(x), lambda f=jax.jit(lambda a: a + 1.0): f(x)]
+    copies = {"jnp.copy": lambda f=jax.jit(jnp.copy): f(x),
+              "x + 1": lambda f=jax.jit(lambda a: a + 1.0): f(x)}
     if gpu:
         try:
             import torch
             if torch.cuda.is_available():
                 src = torch.randn(n, device="cuda")
                 dst = torch.empty_like(src)
-                copies.append(lambda: dst.copy_(src))
+                copies["torch copy_"] = lambda: dst.copy_(src)
         except ImportError:
             pass
-    return max(2 * n * 4 / median_time(copy, repeats=repeats, inner=inner) for copy in copies)
+    return {name: 2 * n * 4 / median_time(copy, repeats=repeats, inner=inner)
+            for name, copy in copies.items()}
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 20) -> float:
+    """The fastest of copy_ceilings: the strictest roofline bandwidth."""
+    return max(copy_ceilings(nbytes, repeats).values())
 
 
 def run_cases(cases: List[Case], repeats: int, bandwidth: float, peak_flops: Optional[float]

@@ -18,7 +18,8 @@ OPS = ("instance_norm", "batch_norm", "spatial_norm", "local_contrast_norm",
        "cross_channel_norm")
 
 
-def _jax_fn(op: str, data_format: str, impl: str) -> Callable:
+def op_function(op: str, data_format: str, impl: str) -> Callable:
+    """f(x, gamma, beta) -> y of `op` (window ops use KERNEL and ignore gamma, beta)."""
     kw = dict(data_format=data_format, implementation=impl)
     if op == "instance_norm":
         return lambda x, g, b: jaxmps.instance_norm(x, g, b, **kw)
@@ -113,7 +114,7 @@ def cases(shape: Sequence[int], dtypes: Sequence[str], layouts: Sequence[str],
                 for mode in modes:
                     impls: Dict[str, Callable] = {}
                     for impl in ("native", "reference"):
-                        f = _jax_fn(op, layout, impl)
+                        f = op_function(op, layout, impl)
                         if mode == "forward":
                             fn = jax.jit(lambda x, g, b, dy, f=f: f(x, g, b))
                         else:
