@@ -1,7 +1,8 @@
 """The CUDA statistics engine (xla_ffi/cuda/stats.cuh) on the CUDA emulator, path by path:
 fused (a group in one CTA), cluster (a group spread over a thread-block cluster that swaps
-partial sums through distributed shared memory, Hopper only) and chunked, each proven by the
-library's own plan (jaxmps_cuda_stats_plan) and checked against the jnp reference.
+partial sums through distributed shared memory, Hopper only), chunked and resident (one
+cooperative grid, one grid-wide barrier: resident_stats.cuh), each proven by the library's own
+plan (jaxmps_cuda_stats_plan) and checked against the jnp reference.
 
 Shapes are tiny: the emulated device 1 is an H100 with 16 KiB of shared memory per CTA, so a
 few thousand elements already overflow one CTA."""
@@ -18,9 +19,10 @@ from jaxmps._src.samples import kernel_calls
 from test_cuda_emulator import _compare, _run, _targets
 from test_norm_native import _image
 
-FUSED, CLUSTER, CHUNKED = "fused", "cluster", "chunked"
-PATHS = {0: FUSED, 1: CLUSTER, 2: CHUNKED}
-H100, SMALL_H100, A100 = 0, 1, 2  # emulated devices (cuda_emu.cc)
+FUSED, CLUSTER, CHUNKED, RESIDENT = "fused", "cluster", "chunked", "resident"
+PATHS = {0: FUSED, 1: CLUSTER, 2: CHUNKED, 3: RESIDENT}
+# Emulated devices (cuda_emu.cc); COOPERATIVE: 4 SMs of 64 KiB with cooperative launches.
+H100, SMALL_H100, A100, COOPERATIVE = 0, 1, 2, 4
 
 
 def _lib():
@@ -36,7 +38,8 @@ def device():
 
 
 def _plan(nhwc, channels_last, dtype, gradient, per_image=True):
-    """(path, CTAs per group) that PlanStats picks on the current emulated device."""
+    """(path, CTAs per group) that PlanStats picks on the current emulated device (the
+    cluster size, or the resident path's CTAs per group)."""
     n, h, w, c = nhwc
     cluster = ctypes.c_int(0)
     path = _lib().jaxmps_cuda_stats_plan(
@@ -137,3 +140,54 @@ def test_sum_over_images_unrolled_and_tail(device):
     device(H100)
     x = _image((9, 5, 6, 4), "float32", True, seed=10)
     _compare("instance_norm", x, True, (3, 3), "float32", scale=2.0)
+
+
+# The resident path on the cooperative device: (N, H, W, C), dtype, op, then (path, CTAs per
+# group) of the forward and of the gradient. Every case streams part of each CTA's rows and
+# keeps the rest in shared memory (the 4x20x20x6 forward keeps all of them); C = 6 leaves
+# 2 of 512 threads idle (3 lanes of 2 channels); 7x19x23x16 splits 3059 rows unevenly.
+RESIDENT_CASES = [
+    ((8, 16, 16, 32), "float32", "batch_norm", (RESIDENT, 4), (RESIDENT, 4)),
+    ((4, 16, 16, 64), "bfloat16", "batch_norm", (RESIDENT, 2), (RESIDENT, 2)),
+    ((8, 32, 32, 6), "float32", "batch_norm", (RESIDENT, 4), (RESIDENT, 4)),
+    ((7, 19, 23, 16), "float16", "batch_norm", (RESIDENT, 2), (RESIDENT, 2)),
+    ((3, 32, 40, 16), "float32", "instance_norm", (RESIDENT, 1), (RESIDENT, 1)),
+    ((2, 48, 48, 16), "bfloat16", "instance_norm", (RESIDENT, 2), (RESIDENT, 2)),
+]
+
+
+@pytest.mark.parametrize("case", RESIDENT_CASES, ids=[_case_id((c[0], True) + c[1:]) for c in RESIDENT_CASES])
+def test_resident_path_matches_reference(device, case):
+    shape, dtype, op, fwd, grad = case
+    device(COOPERATIVE)
+    per_image = op == "instance_norm"
+    assert _plan(shape, True, dtype, False, per_image) == fwd
+    assert _plan(shape, True, dtype, True, per_image) == grad
+    # An offset mean: the forward's shifted sums must keep float32 variances accurate.
+    x = _image(shape, dtype, True, seed=11) * 2.0 + 5.0
+    _compare(op, x, True, (3, 3), dtype, scale=2.0 if dtype == "float32" else 1.0)
+
+
+def test_resident_path_is_bitwise_repeatable_and_knob_selects_paths(device, monkeypatch):
+    device(COOPERATIVE)
+    shape = (8, 16, 16, 32)
+    x = _image(shape, "float32", True, seed=12) * 3.0 + 20.0
+    first, second = _outputs("batch_norm", x, True), _outputs("batch_norm", x, True)
+    for a, b in zip(first, second):
+        assert a.tobytes() == b.tobytes()
+    # The benchmarking knob (KERNELS.md) steps back to the cluster and chunked paths, which
+    # must agree with the resident one to rounding.
+    for knob, path in (("cluster", CLUSTER), ("chunked", CHUNKED)):
+        monkeypatch.setenv("JAXMPS_CUDA_STATS_PATH", knob)
+        assert _plan(shape, True, "float32", False, per_image=False)[0] == path
+        for a, b in zip(first, _outputs("batch_norm", x, True)):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_resident_path_needs_cooperative_launches(device):
+    """Without cooperative launches (the other emulated devices) the same shapes keep the
+    cluster or chunked path."""
+    device(SMALL_H100)
+    for shape, dtype, op, _, _ in RESIDENT_CASES:
+        for gradient in (False, True):
+            assert _plan(shape, True, dtype, gradient, op == "instance_norm")[0] != RESIDENT

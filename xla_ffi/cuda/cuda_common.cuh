@@ -211,6 +211,24 @@ __device__ __forceinline__ T* ClusterShared(T* p, unsigned) {
 }
 #endif
 
+// ---- grid-wide barrier (cooperative launches, LaunchCooperative) -----------------------------
+// GridSync: a barrier over every thread of the grid that also orders the global-memory writes
+// before it against the reads after it. LoadCoherent: a load of data another CTA wrote in the
+// same kernel (before a GridSync): from L2, never through the incoherent L1/read-only cache.
+#ifdef JAXMPS_CUDA_EMU
+__device__ __forceinline__ void GridSync() { emu::ClusterSync(); }  // grid = one cluster there
+template <typename T>
+__device__ __forceinline__ T LoadCoherent(const T* p) {
+  return *p;
+}
+#else
+__device__ __forceinline__ void GridSync() { cooperative_groups::this_grid().sync(); }
+template <typename T>
+__device__ __forceinline__ T LoadCoherent(const T* p) {
+  return __ldcg(p);
+}
+#endif
+
 // ---- host-side helpers -----------------------------------------------------------------------
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -254,27 +272,42 @@ ffi::Error Launch(std::string_view op, std::string_view what, void (*kernel)(Par
   return LaunchError(op, what);
 }
 
-// The launch configuration of `blocks` CTAs in clusters of `cluster` along x.
-struct ClusterConfig {
+// The launch configuration of `blocks` CTAs of `threads` with one launch attribute (a cluster
+// shape or the cooperative flag), for cudaLaunchKernelEx.
+struct ExtendedConfig {
   cudaLaunchConfig_t config = {};
   cudaLaunchAttribute attribute[1] = {};
-  ClusterConfig(int64_t blocks, int cluster, int threads, int64_t smem, cudaStream_t stream) {
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = unsigned(cluster);
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
+  ExtendedConfig(int64_t blocks, int threads, int64_t smem, cudaStream_t stream,
+                 const cudaLaunchAttribute& attr) {
+    attribute[0] = attr;
     // Positional: the emulator's gridDim/blockDim macros would rewrite the field names.
     config = cudaLaunchConfig_t{dim3(unsigned(blocks), 1, 1), dim3(unsigned(threads), 1, 1),
                                 size_t(smem), stream, attribute, 1};
   }
 };
 
+inline cudaLaunchAttribute ClusterAttribute(int cluster) {
+  cudaLaunchAttribute a = {};
+  a.id = cudaLaunchAttributeClusterDimension;
+  a.val.clusterDim.x = unsigned(cluster);
+  a.val.clusterDim.y = 1;
+  a.val.clusterDim.z = 1;
+  return a;
+}
+
+inline cudaLaunchAttribute CooperativeAttribute() {
+  cudaLaunchAttribute a = {};
+  a.id = cudaLaunchAttributeCooperative;
+  a.val.cooperative = 1;
+  return a;
+}
+
 // How many clusters of `cluster` CTAs (`threads`, `smem` each) of `kernel` the device can hold
 // at once; 0 when it cannot run them at all (then take another path). Call AllowSharedMemory
 // first.
 template <typename Kernel>
 int MaxActiveClusters(Kernel kernel, int cluster, int threads, int64_t smem) {
-  ClusterConfig c(cluster, cluster, threads, smem, nullptr);
+  ExtendedConfig c(cluster, threads, smem, nullptr, ClusterAttribute(cluster));
   int count = 0;
   if (cudaOccupancyMaxActiveClusters(&count, reinterpret_cast<const void*>(kernel), &c.config) !=
       cudaSuccess) {
@@ -283,6 +316,34 @@ int MaxActiveClusters(Kernel kernel, int cluster, int threads, int64_t smem) {
   }
   return count;
 }
+
+// How many CTAs (`threads`, `smem` each) of `kernel` one SM holds at once; 0 when none fits.
+// Call AllowSharedMemory first.
+template <typename Kernel>
+int MaxActiveBlocksPerSM(Kernel kernel, int threads, int64_t smem) {
+  int count = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &count, reinterpret_cast<const void*>(kernel), threads, size_t(smem)) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+#ifndef JAXMPS_CUDA_EMU  // the emulator launches through emu::LaunchCluster
+// cudaLaunchKernelEx(config, kernel, args...), then the launch error as an FFI error.
+template <typename... Params, typename... Args>
+ffi::Error LaunchExtended(std::string_view op, std::string_view what, void (*kernel)(Params...),
+                          const ExtendedConfig& c, Args&&... args) {
+  const cudaError_t err = cudaLaunchKernelEx(&c.config, kernel, std::forward<Args>(args)...);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return Internal(op, "CUDA launch of ", what, " failed: ", cudaGetErrorName(err), ": ",
+                    cudaGetErrorString(err));
+  }
+  return LaunchError(op, what);
+}
+#endif
 
 // Launch of `blocks` CTAs in clusters of `cluster` consecutive CTAs (blocks % cluster == 0)
 // through cudaLaunchKernelEx, then the launch error as an FFI error.
@@ -296,16 +357,31 @@ ffi::Error LaunchCluster(std::string_view op, std::string_view what, void (*kern
 #ifdef JAXMPS_CUDA_EMU
   (void)stream;
   emu::LaunchCluster(kernel, blocks, cluster, threads, smem, std::forward<Args>(args)...);
-#else
-  ClusterConfig c(blocks, cluster, threads, smem, stream);
-  const cudaError_t err = cudaLaunchKernelEx(&c.config, kernel, std::forward<Args>(args)...);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    return Internal(op, "CUDA launch of ", what, " failed: ", cudaGetErrorName(err), ": ",
-                    cudaGetErrorString(err));
-  }
-#endif
   return LaunchError(op, what);
+#else
+  return LaunchExtended(op, what, kernel,
+                        ExtendedConfig(blocks, threads, smem, stream, ClusterAttribute(cluster)),
+                        std::forward<Args>(args)...);
+#endif
+}
+
+// Cooperative launch of `blocks` CTAs that must all be resident at once (at most
+// MaxActiveBlocksPerSM * SMs; the kernel may call GridSync), then the launch error.
+template <typename... Params, typename... Args>
+ffi::Error LaunchCooperative(std::string_view op, std::string_view what,
+                             void (*kernel)(Params...), int64_t blocks, int threads, int64_t smem,
+                             cudaStream_t stream, Args&&... args) {
+  JAXMPS_RETURN_IF_ERROR(CheckGrid(op, blocks));
+  if (blocks == 0) return ffi::Error::Success();
+#ifdef JAXMPS_CUDA_EMU
+  (void)stream;  // the emulator runs the whole grid concurrently, as one cluster
+  emu::LaunchCluster(kernel, blocks, int(blocks), threads, smem, std::forward<Args>(args)...);
+  return LaunchError(op, what);
+#else
+  return LaunchExtended(op, what, kernel,
+                        ExtendedConfig(blocks, threads, smem, stream, CooperativeAttribute()),
+                        std::forward<Args>(args)...);
+#endif
 }
 
 // Typed device workspace from XLA's scratch allocator (freed when the handler returns; XLA's
@@ -339,6 +415,7 @@ struct DeviceLimits {
   int64_t max_smem_per_block = 48 << 10;  // with the opt-in attribute set on the kernel
   int compute_major = 0;                   // >= 9: thread-block clusters (Hopper)
   int64_t l2_bytes = 0;
+  bool cooperative = false;                // cooperative launches (grid-wide barriers)
 };
 
 // Limits of the current device (the one whose context XLA made current), cached per ordinal.
@@ -353,13 +430,15 @@ inline ffi::Error CurrentDeviceLimits(std::string_view op, DeviceLimits* out) {
   std::lock_guard<std::mutex> lock(mu);
   DeviceLimits& d = cache[device];
   if (d.sm_count == 0) {
-    int sms = 0, smem = 0, major = 0, l2 = 0;
+    int sms = 0, smem = 0, major = 0, l2 = 0, cooperative = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
         cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
             cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) !=
             cudaSuccess ||
-        cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device) != cudaSuccess) {
+        cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device) !=
+            cudaSuccess) {
       return Internal(op, "cannot query CUDA device attributes: ",
                       cudaGetErrorString(cudaGetLastError()));
     }
@@ -367,6 +446,7 @@ inline ffi::Error CurrentDeviceLimits(std::string_view op, DeviceLimits* out) {
     d.max_smem_per_block = smem;
     d.compute_major = major;
     d.l2_bytes = l2;
+    d.cooperative = cooperative != 0;
   }
   *out = d;
   return ffi::Error::Success();

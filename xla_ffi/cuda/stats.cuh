@@ -25,6 +25,8 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
+#include <string_view>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -42,8 +44,9 @@ constexpr int64_t kFusedBudget = 100 << 10;    // fused tile bytes that leave 2 
 // is still there when apply re-reads it.
 constexpr int64_t kL2SliceShareNum = 2, kL2SliceShareDen = 5;  // 40%
 
-// Which kernels serve a plan, in order of preference (PlanStats picks the first that fits).
-enum class StatsPath { kFused, kCluster, kChunked };
+// Which kernels serve a plan (PlanStats picks fused, resident, cluster, chunked: the first that
+// fits; resident_stats.cuh has the resident path).
+enum class StatsPath { kFused, kCluster, kChunked, kResident };
 
 struct StatsPlan {
   int64_t n = 0, c = 0, hw = 0;
@@ -68,6 +71,7 @@ struct StatsPlan {
   // of slice_groups consecutive groups (the last slice may be smaller).
   int64_t group_begin = 0, group_end = 0;
   int64_t slice_groups = 0;
+  int64_t resident_rows = 0;    // resident path: rows each CTA keeps in shared memory
 
   __host__ __device__ bool on_chip() const { return path != StatsPath::kChunked; }
   __host__ __device__ int width() const { return lanes * vec; }   // channel slots reduced per CTA
@@ -664,6 +668,12 @@ __global__ void InferenceCoefKernel(int64_t c, const A* __restrict__ gamma,
   coef[ch] = Coef<A>{mean[ch], A(0), gamma[ch] / sqrt(variance[ch] + epsilon), beta[ch]};
 }
 
+}  // namespace jaxmps::cuda
+
+#include "resident_stats.cuh"  // the resident path: builds on the kernel helpers above
+
+namespace jaxmps::cuda {
+
 // ---- host side: planning and launching ------------------------------------------------------
 
 // Whether the current device can run clusters of plan p's cluster kernel (forward or
@@ -712,6 +722,17 @@ inline int64_t SliceGroups(const StatsPlan& p, int64_t item_bytes, const DeviceL
   // CTAs per SM (unmeasured on a GPU: no such size was benchmarked).
   if (fitting * p.chunks < 32 * int64_t(limits.sm_count)) return p.groups;
   return CeilDiv(p.groups, CeilDiv(p.groups, fitting));
+}
+
+// The statistics path tried first after the fused one: resident, or what the benchmarking
+// knob JAXMPS_CUDA_STATS_PATH=cluster|chunked (KERNELS.md) asks for (cluster: no resident path;
+// chunked: neither resident nor cluster).
+inline StatsPath PreferredStatsPath() {
+  const char* knob = std::getenv("JAXMPS_CUDA_STATS_PATH");
+  const std::string_view v = knob == nullptr ? "" : knob;
+  if (v == "cluster") return StatsPath::kCluster;
+  if (v == "chunked") return StatsPath::kChunked;
+  return StatsPath::kResident;
 }
 
 // Plans a statistics sweep over image `s`. `arrays`: images kept on chip by the fused and
@@ -801,9 +822,14 @@ StatsPlan PlanStats(const ImageShape& s, bool per_image, int arrays, int max_vec
     if (first_fit(StatsPath::kFused, {1}, [](const StatsPlan&) { return true; }, &plan)) {
       return plan;
     }
+    const StatsPath preferred = PreferredStatsPath();
+    if (preferred == StatsPath::kResident && PlanResident<T, A>(base, max_vec, limits, &plan)) {
+      return plan;
+    }
     // Portable cluster sizes (<= 8 CTAs), on devices with clusters that can co-schedule them.
     const auto runnable = [&](const StatsPlan& p) { return ClusterRunnable<T, A>(p, arrays == 2); };
-    if (limits.compute_major >= 9 && first_fit(StatsPath::kCluster, {2, 4, 8}, runnable, &plan)) {
+    if (preferred != StatsPath::kChunked && limits.compute_major >= 9 &&
+        first_fit(StatsPath::kCluster, {2, 4, 8}, runnable, &plan)) {
       return plan;
     }
   }
@@ -874,6 +900,10 @@ ffi::Error LaunchStatsForward(std::string_view op, cudaStream_t stream,
     return LaunchCluster(op, "the cluster forward kernel", ClusterForwardKernel<T, A, V>,
                          p.blocks(), p.cluster, kStatsThreads, smem, stream, p, x, y, fp);
   }
+  if (p.path == StatsPath::kResident) {
+    return LaunchResident<T, A, V, false>(op, stream, scratch, p, x, nullptr, y, fp,
+                                          GradientParams<A>{});
+  }
   A* partial = nullptr;
   Coef<A>* coef = nullptr;
   JAXMPS_RETURN_IF_ERROR(AllocateScratch(scratch, op, 2 * p.stats * p.chunks, &partial));
@@ -896,6 +926,10 @@ ffi::Error LaunchStatsGradient(std::string_view op, cudaStream_t stream,
     JAXMPS_RETURN_IF_ERROR(AllowSharedMemory(op, ClusterGradientKernel<T, A, V>, smem));
     return LaunchCluster(op, "the cluster gradient kernel", ClusterGradientKernel<T, A, V>,
                          p.blocks(), p.cluster, kStatsThreads, smem, stream, p, dy, x, dx, gp);
+  }
+  if (p.path == StatsPath::kResident) {
+    return LaunchResident<T, A, V, true>(op, stream, scratch, p, x, dy, dx, ForwardParams<A>{},
+                                         gp);
   }
   A* partial = nullptr;
   Coef<A>* coef = nullptr;

@@ -33,7 +33,8 @@ bool ProbePlan(int64_t n, int64_t h, int64_t w, int64_t c, int channels_last, in
 }  // namespace
 }  // namespace jaxmps::cuda
 
-// Returns 0 (fused), 1 (cluster; *cluster = CTAs per group) or 2 (chunked) for the forward
+// Returns 0 (fused), 1 (cluster; *cluster = CTAs per group), 2 (chunked) or 3 (resident;
+// *cluster = CTAs per group) for the forward
 // (gradient = 0) or gradient sweep of instance (per_image = 1) or batch norm over an image of
 // dtype size `itemsize` (2: float16/bfloat16, 4: float32, 8: float64); -1 on error.
 extern "C" __attribute__((visibility("default"))) int jaxmps_cuda_stats_plan(
@@ -43,7 +44,7 @@ extern "C" __attribute__((visibility("default"))) int jaxmps_cuda_stats_plan(
   if (!jaxmps::cuda::ProbePlan(n, h, w, c, channels_last, per_image, itemsize, gradient, &p)) {
     return -1;
   }
-  *cluster = p.cluster;
+  *cluster = p.path == jaxmps::cuda::StatsPath::kResident ? int(p.chunks) : p.cluster;
   return int(p.path);
 }
 

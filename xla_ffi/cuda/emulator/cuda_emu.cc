@@ -16,14 +16,19 @@ const char* cudaGetErrorString(cudaError_t) { return "no error"; }
 // 3 (batch-norm L2 slicing, tests/test_cuda_emu_batch_slices.py): device 1 with a 1 MiB L2
 // and no SM count (0: the planner's rule that a slice must fill the SMs always passes), so
 // that tiny chunked statistics sweeps are cut into L2 slices.
+// 4 (grid-resident statistics, tests/test_cuda_emu_stats.py): an H100 cut down to 4 SMs of
+// 64 KiB that launches cooperative kernels, so the resident path's whole grid (4 CTAs of 512
+// threads, one per SM) runs on host threads. The others report no cooperative launches: their
+// statistics sweeps keep the fused, cluster and chunked paths their tests are about.
 namespace {
 struct EmulatedDevice {
-  int sms, smem_per_block, major, minor, l2_bytes;
+  int sms, smem_per_block, major, minor, l2_bytes, cooperative;
 };
-constexpr EmulatedDevice kDevices[] = {{132, 227 << 10, 9, 0, 50 << 20},
-                                       {132, 16 << 10, 9, 0, 50 << 20},
-                                       {108, 163 << 10, 8, 0, 40 << 20},
-                                       {0, 16 << 10, 9, 0, 1 << 20}};
+constexpr EmulatedDevice kDevices[] = {{132, 227 << 10, 9, 0, 50 << 20, 0},
+                                       {132, 16 << 10, 9, 0, 50 << 20, 0},
+                                       {108, 163 << 10, 8, 0, 40 << 20, 0},
+                                       {0, 16 << 10, 9, 0, 1 << 20, 0},
+                                       {4, 64 << 10, 9, 0, 50 << 20, 1}};
 int current_device = 0;
 }  // namespace
 
@@ -46,6 +51,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
     case cudaDevAttrComputeCapabilityMajor: *value = d.major; break;
     case cudaDevAttrComputeCapabilityMinor: *value = d.minor; break;
     case cudaDevAttrL2CacheSize: *value = d.l2_bytes; break;
+    case cudaDevAttrCooperativeLaunch: *value = d.cooperative; break;
     default: *value = d.smem_per_block; break;  // cudaDevAttrMaxSharedMemoryPerBlockOptin
   }
   return cudaSuccess;
@@ -56,6 +62,12 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void*,
                                            const cudaLaunchConfig_t* config) {
   const EmulatedDevice& d = kDevices[current_device];
   *clusters = d.major >= 9 && config->dynamicSmemBytes <= size_t(d.smem_per_block) ? 1 : 0;
+  return cudaSuccess;
+}
+// One block per SM whenever its shared memory fits (what the resident path asks for).
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int,
+                                                          size_t smem) {
+  *blocks = smem <= size_t(kDevices[current_device].smem_per_block) ? 1 : 0;
   return cudaSuccess;
 }
 cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }

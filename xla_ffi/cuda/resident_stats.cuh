@@ -1,0 +1,305 @@
+// Grid-resident statistics path of instance and batch norm (NHWC, cooperative launch): the
+// ResidentKernel forward/gradient kernel, its plan (PlanResident) and its launcher.
+//
+// Why: the chunked path reads x twice forward and x, dy twice backward (partial sums, then
+// apply), 8 tensor passes where the model has 5, because a batch-norm group (all N*H*W rows of
+// a channel) is far larger than any CTA or cluster. Here the whole grid is one persistent,
+// cooperative launch of as many CTAs as the GPU holds at once (one per SM): each CTA owns a
+// contiguous range of rows of one group, streams the front of its range for the partial sums
+// and loads the back of it (as many rows as fit: about 27 MiB over an H100's SMs) into shared
+// memory while summing. After one grid-wide barrier every CTA adds its group's partials in a
+// fixed order (the same bits everywhere: results stay bitwise repeatable, no atomics) and
+// applies: the shared-memory rows first (no second read at all), then the streamed rows
+// newest first, so that the re-read finds them in L2. Forward DRAM traffic is about x once +
+// y; the gradient's re-read of (x, dy) mostly hits shared memory or L2.
+#pragma once
+
+namespace jaxmps::cuda {
+
+constexpr int kResidentThreads = 512;
+constexpr int kResidentUnroll = 4;  // rows each thread has in flight per batch of loads
+// A CTA gets at least this many sweep steps of rows: small tensors use fewer, fuller CTAs.
+constexpr int64_t kResidentMinSteps = 8;
+
+// Rows per sweep step (threads t and t + lanes * k share channel lane t % lanes).
+__host__ __device__ inline int ResidentStep(const StatsPlan& p) {
+  return kResidentThreads / int(p.lanes);
+}
+
+// Shared memory: [coefficient table (C)][reduction rows (threads * vec)][finalize sub-sums
+// (2 * quarters * C)][resident tile: resident_rows rows of x (and dy) vectors].
+__host__ __device__ inline int64_t ResidentQuarters(const StatsPlan& p) {
+  return p.c < kResidentThreads ? kResidentThreads / p.c : 1;  // threads per channel, finalize
+}
+__host__ __device__ inline int64_t Align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+template <typename T, typename A, int V>
+struct ResidentLayout {
+  Coef<A>* coef;
+  A* red;
+  A* fin;
+  Vec<T, V>* tile;
+  __device__ ResidentLayout(const StatsPlan& p, unsigned char* smem) {
+    coef = reinterpret_cast<Coef<A>*>(smem);
+    red = reinterpret_cast<A*>(smem + Align16(p.c * sizeof(Coef<A>)));
+    fin = red + Align16(int64_t(kResidentThreads) * V * sizeof(A)) / sizeof(A);
+    tile = reinterpret_cast<Vec<T, V>*>(
+        reinterpret_cast<unsigned char*>(fin) + Align16(2 * ResidentQuarters(p) * p.c * sizeof(A)));
+  }
+};
+
+template <typename T, typename A>
+int64_t ResidentFixedBytes(const StatsPlan& p) {
+  return Align16(p.c * sizeof(Coef<A>)) + Align16(int64_t(kResidentThreads) * p.vec * sizeof(A)) +
+         Align16(2 * ResidentQuarters(p) * p.c * sizeof(A));
+}
+template <typename T, typename A>
+int64_t ResidentSharedBytes(const StatsPlan& p) {
+  return ResidentFixedBytes<T, A>(p) + p.resident_rows * p.c * int64_t(sizeof(T)) * p.arrays;
+}
+
+// Rows first, first + step, ... (count of them; step may be negative) in batches of
+// kResidentUnroll: load(row, u) for the whole batch, then use(row, u), so that each thread
+// keeps a batch of loads in flight.
+template <typename Load, typename Use>
+__device__ __forceinline__ void SweepRows(int64_t first, int64_t count, int64_t step, Load&& load,
+                                          Use&& use) {
+  int64_t m = 0;
+  for (; m + kResidentUnroll <= count; m += kResidentUnroll) {
+#pragma unroll
+    for (int u = 0; u < kResidentUnroll; ++u) load(first + (m + u) * step, u);
+#pragma unroll
+    for (int u = 0; u < kResidentUnroll; ++u) use(first + (m + u) * step, u);
+  }
+  for (; m < count; ++m) {
+    load(first + m * step, 0);
+    use(first + m * step, 0);
+  }
+}
+
+// How many of rows first, first + step, ... lie below `end`.
+__device__ __forceinline__ int64_t RowsBelow(int64_t first, int64_t end, int64_t step) {
+  return first < end ? (end - first + step - 1) / step : 0;
+}
+
+// Forward (kGrad = false: out = y, fp's statistics written) or gradient (out = dx, gp's sums
+// written) of the groups of plan p (path kResident), in one cooperative launch of p.blocks()
+// CTAs: CTA b holds part b % p.chunks of group b / p.chunks. `partial`: 2 * blocks * C sums.
+template <typename T, typename A, int V, bool kGrad>
+__global__ void __launch_bounds__(kResidentThreads, 1)
+    ResidentKernel(StatsPlan p, const T* __restrict__ x, const T* __restrict__ dy,
+                   T* __restrict__ out, ForwardParams<A> fp, GradientParams<A> gp, A* partial) {
+  JAXMPS_DYNAMIC_SHARED(smem);
+  const ResidentLayout<T, A, V> sh(p, smem);
+  const int t = threadIdx.x, lanes = int(p.lanes), step = ResidentStep(p);
+  const int lane = t % lanes, phase = t / lanes;
+  const bool active = phase < step;
+  const int64_t c = p.c, blocks = gridDim.x, b = blockIdx.x;
+  const int64_t g = b / p.chunks, part = b % p.chunks;
+  const int64_t r0 = min(p.rows, part * p.chunk_rows), r1 = min(p.rows, r0 + p.chunk_rows);
+  const int64_t rs = max(r0, r1 - p.resident_rows);  // rows [rs, r1) stay in shared memory
+  const int64_t group_base = g * p.rows * c;          // element (row 0, channel 0) of group g
+  const int64_t base = group_base + lane * V;         // element (row 0, this lane's channels)
+  const int64_t stat0 = p.per_image ? g * c : 0;      // statistic of channel 0
+  const int64_t tile_rows = p.resident_rows;
+  auto tile_at = [&](int64_t r, int array) -> Vec<T, V>& {
+    return sh.tile[(array * tile_rows + (r - rs)) * lanes + lane];
+  };
+
+  // ---- 1. partial sums over the CTA's rows; the back rows are kept in shared memory ----------
+  A ref[V], rstd[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const int64_t k = stat0 + lane * V + e;
+    if constexpr (kGrad) {
+      ref[e] = gp.mean[k];
+      rstd[e] = RstdOf(gp, k);
+    } else {
+      ref[e] = ToAcc(x[base + e]);  // shift: row 0 of the group (see PartialKernel)
+      rstd[e] = A(1);
+    }
+  }
+  A acc[2][V] = {};
+  Vec<T, V> xv[kResidentUnroll], gv[kResidentUnroll];
+  auto add = [&](int64_t, int u) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      if constexpr (kGrad) {
+        const A gg = ToAcc(gv[u].v[e]);
+        acc[0][e] += gg;
+        acc[1][e] += gg * (ToAcc(xv[u].v[e]) - ref[e]) * rstd[e];
+      } else {
+        const A d = ToAcc(xv[u].v[e]) - ref[e];
+        acc[0][e] += d;
+        acc[1][e] += d * d;
+      }
+    }
+  };
+  auto load_global = [&](int64_t r, int u) {
+    xv[u] = LoadVec<T, V>(x + base + r * c);
+    if constexpr (kGrad) gv[u] = LoadVec<T, V>(dy + base + r * c);
+  };
+  if (active) {
+    SweepRows(r0 + phase, RowsBelow(r0 + phase, rs, step), step, load_global, add);
+    SweepRows(rs + phase, RowsBelow(rs + phase, r1, step), step, load_global,
+              [&](int64_t r, int u) {
+                tile_at(r, 0) = xv[u];
+                if constexpr (kGrad) tile_at(r, 1) = gv[u];
+                add(r, u);
+              });
+  }
+
+  // CTA totals in a fixed order (row phases in order), then the CTA's partials.
+  for (int s = 0; s < 2; ++s) {
+    if (active) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) sh.red[t * V + e] = acc[s][e];  // = red[phase * c + slot]
+    }
+    __syncthreads();
+    for (int64_t slot = t; slot < c; slot += kResidentThreads) {
+      A total = 0;
+      for (int ph = 0; ph < step; ++ph) total += sh.red[ph * c + slot];
+      partial[(s * blocks + b) * c + slot] = total;
+    }
+    __syncthreads();
+  }
+
+  GridSync();
+
+  // ---- 2. the group's statistics: its CTAs' partials in order, the same in every CTA ----------
+  const int64_t quarters = ResidentQuarters(p);
+  for (int64_t i = t; i < quarters * c; i += kResidentThreads) {
+    const int64_t q = i / c, slot = i % c;
+    const int64_t j0 = q * p.chunks / quarters, j1 = (q + 1) * p.chunks / quarters;
+    A s0 = 0, s1 = 0;
+    for (int64_t j = j0; j < j1; ++j) {
+      s0 += LoadCoherent(partial + (g * p.chunks + j) * c + slot);
+      s1 += LoadCoherent(partial + (blocks + g * p.chunks + j) * c + slot);
+    }
+    sh.fin[i] = s0;
+    sh.fin[quarters * c + i] = s1;
+  }
+  __syncthreads();
+  ForwardParams<A> fp_own = fp;
+  GradientParams<A> gp_own = gp;
+  if (part != 0) {  // the group's first CTA writes the statistics outputs
+    fp_own.mean_out = nullptr;
+    gp_own.sum_g_out = nullptr;
+  }
+  for (int64_t slot = t; slot < c; slot += kResidentThreads) {
+    A s0 = 0, s1 = 0;
+    for (int64_t q = 0; q < quarters; ++q) {
+      s0 += sh.fin[q * c + slot];
+      s1 += sh.fin[(quarters + q) * c + slot];
+    }
+    const int64_t k = stat0 + slot;
+    if constexpr (kGrad) {
+      sh.coef[slot] = GradientCoef(p, gp_own, k, s0, s1);
+    } else {  // the chunked path's finalize (FinalizeKernel), on this group's sums
+      const A inv_m = A(1) / A(p.count);
+      const A shifted_mean = s0 * inv_m;
+      const A var = max(s1 * inv_m - shifted_mean * shifted_mean, A(0));
+      sh.coef[slot] = ForwardCoef(p, fp_own, k, ToAcc(x[group_base + slot]) + shifted_mean, var);
+    }
+  }
+  __syncthreads();
+
+  // ---- 3. apply: shared-memory rows, then the streamed rows newest first (L2) ----------------
+  if (!active) return;
+  Coef<A> cf[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) cf[e] = sh.coef[lane * V + e];
+  auto store = [&](int64_t r, int u) {
+    StoreVec<T, V>(out + base + r * c, ApplyCoef<T, A, V, kGrad>(cf, xv[u], kGrad ? gv[u] : xv[u]));
+  };
+  SweepRows(rs + phase, RowsBelow(rs + phase, r1, step), step,
+            [&](int64_t r, int u) {
+              xv[u] = tile_at(r, 0);
+              if constexpr (kGrad) gv[u] = tile_at(r, 1);
+            },
+            store);
+  const int64_t streamed = RowsBelow(r0 + phase, rs, step);
+  if (streamed > 0) {
+    SweepRows(r0 + phase + (streamed - 1) * step, streamed, -int64_t(step), load_global, store);
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------------
+
+// CTAs of ResidentKernel<T, A, V, kGrad> with `smem` bytes each that the current device holds
+// at once (0: none), cached per (device, kernel, smem): the occupancy query is not free.
+template <typename T, typename A, int V, bool kGrad>
+int64_t ResidentCapacity(const DeviceLimits& limits, int64_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int64_t>, int64_t> cache;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(device, smem);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    const auto kernel = ResidentKernel<T, A, V, kGrad>;
+    const int per_sm = AllowSharedMemory("stats", kernel, smem).success()
+                           ? MaxActiveBlocksPerSM(kernel, kResidentThreads, smem)
+                           : 0;
+    it = cache.emplace(key, int64_t(per_sm) * limits.sm_count).first;
+  }
+  return it->second;
+}
+
+// The resident plan for `base` (a statistics plan's shape fields) with vectors of `vec`
+// channels, if the device and shape allow it: NHWC, C a multiple of vec with at most
+// kResidentThreads vectors per row, cooperative launches, and a CTA per SM for every group.
+template <typename T, typename A>
+bool PlanResident(const StatsPlan& base, int vec, const DeviceLimits& limits, StatsPlan* out) {
+  if (!base.channels_last || !limits.cooperative || base.c % vec != 0 ||
+      base.c / vec > kResidentThreads) {
+    return false;
+  }
+  StatsPlan p = base;
+  p.path = StatsPath::kResident;
+  p.vec = vec;
+  p.lanes = int(p.c / vec);
+  p.cblocks = 1;
+  p.groups = p.per_image ? p.n : 1;
+  p.rows = p.per_image ? p.hw : p.n * p.hw;
+  p.sums = 2;
+  p.group_begin = 0, p.group_end = p.slice_groups = p.groups;
+  const int64_t row_bytes = p.c * int64_t(sizeof(T)) * p.arrays;
+  const int64_t fixed = ResidentFixedBytes<T, A>(p);
+  if (fixed >= limits.max_smem_per_block) return false;
+  p.resident_rows = (limits.max_smem_per_block - fixed) / row_bytes;
+  int64_t capacity = 0;
+  (void)DispatchVector<T>(vec, [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    capacity = p.arrays == 2 ? ResidentCapacity<T, A, V, true>(limits, ResidentSharedBytes<T, A>(p))
+                             : ResidentCapacity<T, A, V, false>(limits, ResidentSharedBytes<T, A>(p));
+    return ffi::Error::Success();
+  });
+  const int64_t per_group = capacity / p.groups;
+  if (per_group < 1) return false;
+  p.chunks = std::max<int64_t>(
+      1, std::min(per_group, CeilDiv(p.rows, kResidentMinSteps * ResidentStep(p))));
+  p.chunk_rows = CeilDiv(p.rows, p.chunks);
+  p.resident_rows = std::min(p.resident_rows, p.chunk_rows);
+  *out = p;
+  return true;
+}
+
+// Forward (kGrad = false: x -> out = y) or gradient (dy, x -> out = dx) on the resident path.
+template <typename T, typename A, int V, bool kGrad>
+ffi::Error LaunchResident(std::string_view op, cudaStream_t stream,
+                          ffi::ScratchAllocator& scratch, const StatsPlan& p, const T* x,
+                          const T* dy, T* out, const ForwardParams<A>& fp,
+                          const GradientParams<A>& gp) {
+  const auto kernel = ResidentKernel<T, A, V, kGrad>;
+  const int64_t smem = ResidentSharedBytes<T, A>(p);
+  JAXMPS_RETURN_IF_ERROR(AllowSharedMemory(op, kernel, smem));
+  A* partial = nullptr;
+  JAXMPS_RETURN_IF_ERROR(AllocateScratch(scratch, op, 2 * p.blocks() * p.c, &partial));
+  return LaunchCooperative(op, kGrad ? "the resident gradient kernel" : "the resident forward kernel",
+                           kernel, p.blocks(), kResidentThreads, smem, stream, p, x, dy, out, fp,
+                           gp, partial);
+}
+
+}  // namespace jaxmps::cuda
