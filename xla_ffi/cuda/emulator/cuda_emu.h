@@ -51,6 +51,10 @@ template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }
+template <typename T>
+inline void __stcs(T* p, T v) {
+  *p = v;
+}
 
 // ---- runtime API: the real declarations, defined by cuda_emu.cc --------------------------------
 #include <cuda_runtime_api.h>
