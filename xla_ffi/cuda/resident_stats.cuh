@@ -70,10 +70,20 @@ __device__ __forceinline__ void CopyToSharedAsync(Vec<T, V>* dst, const T* src) 
   constexpr int kBytes = int(sizeof(T)) * V;
   if constexpr (kBytes >= 4) {
     const unsigned d = unsigned(__cvta_generic_to_shared(dst));
+    // Evict-first in L2: these rows are never re-read from global memory, so they should not
+    // take L2 space from the streamed rows, which the apply phase re-reads.
     if constexpr (kBytes == 16) {
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+      asm volatile(
+          "{\n.reg .b64 pol;\n"
+          "createpolicy.fractional.L2::evict_first.b64 pol, 1.0;\n"
+          "cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, pol;\n}\n" ::"r"(d),
+          "l"(src));
     } else {
-      asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(d), "l"(src), "n"(kBytes));
+      asm volatile(
+          "{\n.reg .b64 pol;\n"
+          "createpolicy.fractional.L2::evict_first.b64 pol, 1.0;\n"
+          "cp.async.ca.shared.global.L2::cache_hint [%0], [%1], %2, pol;\n}\n" ::"r"(d),
+          "l"(src), "n"(kBytes));
     }
     return;
   }
