@@ -66,7 +66,8 @@ def main(argv=None) -> int:
             conv_cases = None
         if conv_cases is not None:
             all_cases += [c for c in conv_cases.cases(
-                "issue", dtypes, args.layouts, with_torch=not args.no_torch)
+                "gpu" if backend == "gpu" else "issue", dtypes, args.layouts,
+                with_torch=not args.no_torch)
                 if not args.ops or c.op in args.ops]
     # The roofline copy moves as many bytes as one input tensor of the normalization cases, so
     # it sees the same level of the memory hierarchy as the ops do.

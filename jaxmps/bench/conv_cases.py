@@ -15,8 +15,9 @@ from jaxmps._src import padding as pad
 
 from .harness import Case
 
-# size -> (N, H, W, C); C in = C out
-SIZES = {"issue": (8, 64, 64, 64), "small": (2, 16, 16, 16)}
+# size -> (N, H, W, C); C in = C out. "issue": the convolution issue's CPU size (64 -> 64);
+# "gpu": the CUDA issue's 128 -> 128 channels.
+SIZES = {"issue": (8, 64, 64, 64), "gpu": (8, 64, 64, 128), "small": (2, 16, 16, 16)}
 
 # name -> conv2d keywords and kernel size
 VARIANTS = {
@@ -106,7 +107,8 @@ def _torch_impl(x_nhwc, w_ohwi, dy_nhwc, kernel, kw, channels_last, dtype, mode)
 
 def cases(size: str, dtypes: Sequence[str], layouts: Sequence[str],
           with_torch: bool = True) -> List[Case]:
-    """conv2d cases at `size` ("issue": N=8, 64x64, 64 -> 64 channels; "small") over the
+    """conv2d cases at `size` ("issue": N=8, 64x64, 64 -> 64 channels; "gpu": 128 -> 128;
+    "small") over the
     VARIANTS x dtypes x layouts x forward / forward+backward."""
     shape = SIZES[size]
     channels = shape[3]
