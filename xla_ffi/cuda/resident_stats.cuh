@@ -71,7 +71,9 @@ __device__ __forceinline__ void CopyToSharedAsync(Vec<T, V>* dst, const T* src) 
   if constexpr (kBytes >= 4) {
     const unsigned d = unsigned(__cvta_generic_to_shared(dst));
     // Evict-first in L2: these rows are never re-read from global memory, so they should not
-    // take L2 space from the streamed rows, which the apply phase re-reads.
+    // take L2 space from the streamed rows, which the apply phase re-reads. (Measured on an
+    // H200 at N=32, 64x64, C=128: DRAM bytes unchanged, within 1%: L2 already kept what it
+    // could; the hint states the intent and costs nothing.)
     if constexpr (kBytes == 16) {
       asm volatile(
           "{\n.reg .b64 pol;\n"
