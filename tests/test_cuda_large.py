@@ -1,10 +1,13 @@
 """GPU-only checks of the CUDA kernels: a tensor of more than 2^31 elements through the
 instance-norm kernels (forward and gradient; every index must be 64-bit safe), checked against
-the jnp reference on the same GPU, and bitwise-repeatable results (no atomics) on the chunked
-paths. Skipped on hosts without the CUDA backend (and GPUs with too little memory): a CPU
+the jnp reference on the same GPU, bitwise-repeatable results (no atomics) on the resident
+statistics path, and the plan the library picks for the CUDA issue's shape. Skipped on hosts
+without the CUDA backend (and GPUs with too little memory): a CPU
 cannot run them, and tests/test_cuda_emulator.py covers the kernel logic there."""
 
 from __future__ import annotations
+
+import ctypes
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import FFI_PLATFORM, tolerance
+from jaxmps._src import ffi
 from jaxmps._src import norm_kernels as k
 from jaxmps._src.samples import ALL_OPS, kernel_calls
 
@@ -99,11 +103,30 @@ def test_instance_norm_over_2_31_elements():
 @needs_cuda
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_results_are_bitwise_repeatable(op):
-    """Two runs on the same input give identical bits (batch norm here takes the chunked path:
-    partial sums, finalize and apply in a fixed order)."""
+    """Two runs on the same input give identical bits (instance and batch norm here take the
+    resident path: partial sums added in a fixed order after one grid barrier)."""
     x = jax.random.normal(jax.random.PRNGKey(2), (16, 64, 64, 64), jnp.float32) * 2.0 + 1.0
     for kernel, args, params in kernel_calls(op, x, True, (5, 5)):
         first = kernel.bind(*args, **params, implementation="native")
         second = kernel.bind(*args, **params, implementation="native")
         for a, b in zip(first, second):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=kernel.name)
+
+
+@needs_cuda
+def test_issue_shape_takes_the_resident_path():
+    """At N=32, 64x64, C=128 NHWC (issue 4) instance and batch norm, forward and gradient,
+    float32 and bfloat16, run the resident path (jaxmps_cuda_stats_plan = 3) with every SM
+    holding one CTA: batch norm spreads its one group over all of them, instance norm gives
+    each of its 32 images SMs // 32 CTAs."""
+    lib = ctypes.cdll.LoadLibrary(str(ffi._library_path("jaxmps_cuda")))
+    sms = getattr(jax.devices()[0], "core_count", None)  # the SM count, where jaxlib has it
+    for per_image, expected in ((0, sms), (1, sms // 32 if sms else None)):
+        for itemsize in (4, 2):
+            for gradient in (0, 1):
+                ctas = ctypes.c_int(0)
+                path = lib.jaxmps_cuda_stats_plan(
+                    ctypes.c_int64(32), ctypes.c_int64(64), ctypes.c_int64(64),
+                    ctypes.c_int64(128), 1, per_image, itemsize, gradient, ctypes.byref(ctas))
+                assert path == 3, (per_image, itemsize, gradient)
+                assert ctas.value == (expected or ctas.value) and ctas.value >= 1, ctas.value
