@@ -8,6 +8,8 @@ scripts/gpu_bench.py, next to the copy ceilings measured in the same run
 ``--ncu`` runs every case once after one warm-up call, for ``ncu`` to attribute per-kernel
 times, DRAM bytes and L2 hit rates, e.g. ``ncu --clock-control none --csv --metrics
 gpu__time_duration.sum,dram__bytes_read.sum python3 scripts/gpu_profile.py --ncu``.
+``JAXMPS_CUDA_STATS_PATH=cluster`` (or ``chunked``) in the environment times instance and batch
+norm on the statistics path they had before the resident one (xla_ffi/KERNELS.md).
 """
 
 from __future__ import annotations
