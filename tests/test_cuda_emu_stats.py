@@ -193,3 +193,26 @@ def test_resident_path_needs_cooperative_launches(device):
     for shape, dtype, op, _, _ in RESIDENT_CASES:
         for gradient in (False, True):
             assert _plan(shape, True, dtype, gradient, op == "instance_norm")[0] != RESIDENT
+
+
+@pytest.mark.parametrize("op, shape", [("batch_norm", (8, 16, 16, 32)),
+                                       ("instance_norm", (3, 32, 40, 16))])
+def test_refused_cooperative_launch_falls_back(device, op, shape):
+    """When the driver refuses the resident path's cooperative grid (as under MPS thread
+    limits, which the occupancy query does not see), the same sweep runs on the path planned
+    without it, with the same results to rounding."""
+    device(COOPERATIVE)
+    lib = _lib()
+    per_image = op == "instance_norm"
+    assert _plan(shape, True, "float32", False, per_image)[0] == RESIDENT
+    assert _plan(shape, True, "float32", True, per_image)[0] == RESIDENT
+    x = _image(shape, "float32", True, seed=13) * 2.0 + 5.0
+    resident = _outputs(op, x, True)
+    lib.jaxmps_cuda_emu_refuse_cooperative(1)
+    try:
+        refused = _outputs(op, x, True)
+        _compare(op, x, True, (3, 3), "float32", scale=2.0)
+    finally:
+        lib.jaxmps_cuda_emu_refuse_cooperative(0)
+    for a, b in zip(resident, refused):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)

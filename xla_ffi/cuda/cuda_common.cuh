@@ -331,11 +331,18 @@ int MaxActiveBlocksPerSM(Kernel kernel, int threads, int64_t smem) {
 }
 
 #ifndef JAXMPS_CUDA_EMU  // the emulator launches through emu::LaunchCluster
-// cudaLaunchKernelEx(config, kernel, args...), then the launch error as an FFI error.
+// cudaLaunchKernelEx(config, kernel, args...), then the launch error as an FFI error. With
+// `refused` given, a cooperative grid the driver will not co-schedule sets *refused and returns
+// success instead (nothing ran; the caller takes another path).
 template <typename... Params, typename... Args>
 ffi::Error LaunchExtended(std::string_view op, std::string_view what, void (*kernel)(Params...),
-                          const ExtendedConfig& c, Args&&... args) {
+                          const ExtendedConfig& c, bool* refused, Args&&... args) {
   const cudaError_t err = cudaLaunchKernelEx(&c.config, kernel, std::forward<Args>(args)...);
+  if (refused != nullptr && err == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();
+    *refused = true;
+    return ffi::Error::Success();
+  }
   if (err != cudaSuccess) {
     (void)cudaGetLastError();
     return Internal(op, "CUDA launch of ", what, " failed: ", cudaGetErrorName(err), ": ",
@@ -361,26 +368,33 @@ ffi::Error LaunchCluster(std::string_view op, std::string_view what, void (*kern
 #else
   return LaunchExtended(op, what, kernel,
                         ExtendedConfig(blocks, threads, smem, stream, ClusterAttribute(cluster)),
-                        std::forward<Args>(args)...);
+                        /*refused=*/nullptr, std::forward<Args>(args)...);
 #endif
 }
 
 // Cooperative launch of `blocks` CTAs that must all be resident at once (at most
-// MaxActiveBlocksPerSM * SMs; the kernel may call GridSync), then the launch error.
+// MaxActiveBlocksPerSM * SMs; the kernel may call GridSync), then the launch error. A grid the
+// driver still will not co-schedule (the occupancy query does not see every limit, e.g. MPS
+// thread limits) runs nothing and sets *refused.
 template <typename... Params, typename... Args>
 ffi::Error LaunchCooperative(std::string_view op, std::string_view what,
                              void (*kernel)(Params...), int64_t blocks, int threads, int64_t smem,
-                             cudaStream_t stream, Args&&... args) {
+                             cudaStream_t stream, bool* refused, Args&&... args) {
+  *refused = false;
   JAXMPS_RETURN_IF_ERROR(CheckGrid(op, blocks));
   if (blocks == 0) return ffi::Error::Success();
 #ifdef JAXMPS_CUDA_EMU
   (void)stream;  // the emulator runs the whole grid concurrently, as one cluster
+  if (emu::CooperativeRefused()) {
+    *refused = true;
+    return ffi::Error::Success();
+  }
   emu::LaunchCluster(kernel, blocks, int(blocks), threads, smem, std::forward<Args>(args)...);
   return LaunchError(op, what);
 #else
   return LaunchExtended(op, what, kernel,
                         ExtendedConfig(blocks, threads, smem, stream, CooperativeAttribute()),
-                        std::forward<Args>(args)...);
+                        refused, std::forward<Args>(args)...);
 #endif
 }
 

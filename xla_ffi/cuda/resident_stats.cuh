@@ -375,20 +375,21 @@ bool PlanResident(const StatsPlan& base, int vec, const DeviceLimits& limits, St
   return true;
 }
 
-// Forward (kGrad = false: x -> out = y) or gradient (dy, x -> out = dx) on the resident path.
+// Forward (kGrad = false: x -> out = y) or gradient (dy, x -> out = dx) on the resident path;
+// *refused: the driver would not co-schedule the grid and nothing ran (LaunchCooperative).
 template <typename T, typename A, int V, bool kGrad>
 ffi::Error LaunchResident(std::string_view op, cudaStream_t stream,
                           ffi::ScratchAllocator& scratch, const StatsPlan& p, const T* x,
                           const T* dy, T* out, const ForwardParams<A>& fp,
-                          const GradientParams<A>& gp) {
+                          const GradientParams<A>& gp, bool* refused) {
   const auto kernel = ResidentKernel<T, A, V, kGrad>;
   const int64_t smem = ResidentSharedBytes<T, A>(p);
   JAXMPS_RETURN_IF_ERROR(AllowSharedMemory(op, kernel, smem));
   A* partial = nullptr;
   JAXMPS_RETURN_IF_ERROR(AllocateScratch(scratch, op, 2 * p.blocks() * p.c, &partial));
   return LaunchCooperative(op, kGrad ? "the resident gradient kernel" : "the resident forward kernel",
-                           kernel, p.blocks(), kResidentThreads, smem, stream, p, x, dy, out, fp,
-                           gp, partial);
+                           kernel, p.blocks(), kResidentThreads, smem, stream, refused, p, x,
+                           dy, out, fp, gp, partial);
 }
 
 }  // namespace jaxmps::cuda

@@ -741,7 +741,7 @@ inline StatsPath PreferredStatsPath() {
 // fused path, else the cluster path (compute capability >= 9), else chunking.
 template <typename T, typename A>
 StatsPlan PlanStats(const ImageShape& s, bool per_image, int arrays, int max_vec,
-                    const DeviceLimits& limits, bool allow_on_chip) {
+                    const DeviceLimits& limits, bool allow_on_chip, bool allow_resident = true) {
   StatsPlan base;
   base.n = s.n, base.c = s.c, base.hw = s.pixels();
   base.channels_last = s.channels_last;
@@ -823,7 +823,8 @@ StatsPlan PlanStats(const ImageShape& s, bool per_image, int arrays, int max_vec
       return plan;
     }
     const StatsPath preferred = PreferredStatsPath();
-    if (preferred == StatsPath::kResident && PlanResident<T, A>(base, max_vec, limits, &plan)) {
+    if (preferred == StatsPath::kResident && allow_resident &&
+        PlanResident<T, A>(base, max_vec, limits, &plan)) {
       return plan;
     }
     // Portable cluster sizes (<= 8 CTAs), on devices with clusters that can co-schedule them.
@@ -837,6 +838,19 @@ StatsPlan PlanStats(const ImageShape& s, bool per_image, int arrays, int max_vec
   const int lanes = int(std::min<int64_t>(
       max_lanes(max_vec), std::max<int64_t>(1, 128 / (max_vec * int64_t(sizeof(T))))));
   return configure(max_vec, lanes, StatsPath::kChunked, 1);
+}
+
+// The sweep of resident plan p planned without the resident path (cluster or chunked), for
+// when the driver refuses its cooperative grid.
+template <typename T, typename A>
+ffi::Error PlanWithoutResident(std::string_view op, const StatsPlan& p, StatsPlan* out) {
+  DeviceLimits limits;
+  JAXMPS_RETURN_IF_ERROR(CurrentDeviceLimits(op, &limits));
+  ImageShape s;  // the plan keeps the pixel count only: one row of hw pixels plans the same
+  s.n = p.n, s.c = p.c, s.h = p.hw, s.w = 1, s.channels_last = p.channels_last;
+  *out = PlanStats<T, A>(s, p.per_image, p.arrays, p.vec, limits, /*allow_on_chip=*/true,
+                         /*allow_resident=*/false);
+  return ffi::Error::Success();
 }
 
 // Finalize kernel CTAs for the statistics of plan p's groups.
@@ -901,8 +915,16 @@ ffi::Error LaunchStatsForward(std::string_view op, cudaStream_t stream,
                          p.blocks(), p.cluster, kStatsThreads, smem, stream, p, x, y, fp);
   }
   if (p.path == StatsPath::kResident) {
-    return LaunchResident<T, A, V, false>(op, stream, scratch, p, x, nullptr, y, fp,
-                                          GradientParams<A>{});
+    bool refused = false;
+    const auto launch = LaunchResident<T, A, V, false>;  // (a template-id: no commas in the macro)
+    JAXMPS_RETURN_IF_ERROR(
+        launch(op, stream, scratch, p, x, nullptr, y, fp, GradientParams<A>{}, &refused));
+    if (!refused) return ffi::Error::Success();
+    StatsPlan fallback;
+    JAXMPS_RETURN_IF_ERROR((PlanWithoutResident<T, A>(op, p, &fallback)));
+    return DispatchVector<T>(fallback.vec, [&](auto v) {
+      return LaunchStatsForward<T, A, decltype(v)::value>(op, stream, scratch, fallback, x, y, fp);
+    });
   }
   A* partial = nullptr;
   Coef<A>* coef = nullptr;
@@ -928,8 +950,17 @@ ffi::Error LaunchStatsGradient(std::string_view op, cudaStream_t stream,
                          p.blocks(), p.cluster, kStatsThreads, smem, stream, p, dy, x, dx, gp);
   }
   if (p.path == StatsPath::kResident) {
-    return LaunchResident<T, A, V, true>(op, stream, scratch, p, x, dy, dx, ForwardParams<A>{},
-                                         gp);
+    bool refused = false;
+    const auto launch = LaunchResident<T, A, V, true>;  // (a template-id: no commas in the macro)
+    JAXMPS_RETURN_IF_ERROR(
+        launch(op, stream, scratch, p, x, dy, dx, ForwardParams<A>{}, gp, &refused));
+    if (!refused) return ffi::Error::Success();
+    StatsPlan fallback;
+    JAXMPS_RETURN_IF_ERROR((PlanWithoutResident<T, A>(op, p, &fallback)));
+    return DispatchVector<T>(fallback.vec, [&](auto v) {
+      return LaunchStatsGradient<T, A, decltype(v)::value>(op, stream, scratch, fallback, dy, x,
+                                                           dx, gp);
+    });
   }
   A* partial = nullptr;
   Coef<A>* coef = nullptr;

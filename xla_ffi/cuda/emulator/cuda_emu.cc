@@ -4,6 +4,12 @@
 
 #include <iterator>
 
+namespace {
+bool refuse_cooperative = false;  // jaxmps_cuda_emu_refuse_cooperative
+}  // namespace
+
+bool jaxmps::cuda::emu::CooperativeRefused() { return refuse_cooperative; }
+
 extern "C" {
 
 cudaError_t cudaGetLastError() { return cudaSuccess; }
@@ -31,6 +37,14 @@ constexpr EmulatedDevice kDevices[] = {{132, 227 << 10, 9, 0, 50 << 20, 0},
                                        {4, 64 << 10, 9, 0, 50 << 20, 1}};
 int current_device = 0;
 }  // namespace
+
+// Test hook: refuse (1) or run (0) cooperative launches, as a driver that cannot co-schedule
+// the grid does; returns the previous setting.
+__attribute__((visibility("default"))) int jaxmps_cuda_emu_refuse_cooperative(int refuse) {
+  const bool previous = refuse_cooperative;
+  refuse_cooperative = refuse != 0;
+  return previous ? 1 : 0;
+}
 
 // Test hook: makes `device` current (as cudaSetDevice); returns the previous one, or -1.
 __attribute__((visibility("default"))) int jaxmps_cuda_emu_select_device(int device) {

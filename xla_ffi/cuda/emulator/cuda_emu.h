@@ -139,6 +139,10 @@ T ShuffleDown(T v, unsigned delta, int width = 32) {
   });
 }
 
+// Whether cooperative launches are refused (test hook jaxmps_cuda_emu_refuse_cooperative, as
+// a driver does when it cannot co-schedule the grid).
+bool CooperativeRefused();
+
 // Runs kernel(args...) over `blocks` blocks of `threads` threads in clusters of
 // `cluster_size` consecutive blocks: the blocks of one cluster run concurrently (each thread
 // on its own host thread), clusters one after another.
