@@ -146,7 +146,7 @@ def test_sum_over_images_unrolled_and_tail(device):
 
 # The resident path on the cooperative device: (N, H, W, C), dtype, op, then (path, CTAs per
 # group) of the forward and of the gradient. Every case streams part of each CTA's rows and
-# keeps the rest in shared memory (the 4x20x20x6 forward keeps all of them); C = 6 leaves
+# keeps the rest in shared memory (the 8x32x32x6 forward keeps all of them); C = 6 leaves
 # 2 of 512 threads idle (3 lanes of 2 channels); 7x19x23x16 splits 3059 rows unevenly.
 RESIDENT_CASES = [
     ((8, 16, 16, 32), "float32", "batch_norm", (RESIDENT, 4), (RESIDENT, 4)),
@@ -158,7 +158,8 @@ RESIDENT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", RESIDENT_CASES, ids=[_case_id((c[0], True) + c[1:]) for c in RESIDENT_CASES])
+@pytest.mark.parametrize("case", RESIDENT_CASES,
+                         ids=[_case_id((c[0], True) + c[1:]) for c in RESIDENT_CASES])
 def test_resident_path_matches_reference(device, case):
     shape, dtype, op, fwd, grad = case
     device(COOPERATIVE)

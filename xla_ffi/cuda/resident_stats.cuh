@@ -290,7 +290,7 @@ __global__ void __launch_bounds__(kResidentThreads, 1)
   }
   __syncthreads();
 
-  // ---- 3. apply: shared-memory rows, then the streamed rows newest first (L2) ----------------
+  // ---- 3. apply: the streamed rows newest first (L2), then the shared-memory rows ------------
   if (!active) return;
   Coef<A> cf[V];
 #pragma unroll

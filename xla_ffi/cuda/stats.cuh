@@ -737,8 +737,10 @@ inline StatsPath PreferredStatsPath() {
 
 // Plans a statistics sweep over image `s`. `arrays`: images kept on chip by the fused and
 // cluster paths (forward 1, gradient 2); `max_vec`: widest legal vector (VectorWidth over C
-// for NHWC, H*W for NCHW); `allow_on_chip`: false for apply-only sweeps (inference). Picks the
-// fused path, else the cluster path (compute capability >= 9), else chunking.
+// for NHWC, H*W for NCHW); `allow_on_chip`: false for apply-only sweeps (inference);
+// `allow_resident`: false to re-plan a refused cooperative grid. Picks the fused path, else the
+// resident path (NHWC, cooperative launches), else the cluster path (compute capability >= 9),
+// else chunking.
 template <typename T, typename A>
 StatsPlan PlanStats(const ImageShape& s, bool per_image, int arrays, int max_vec,
                     const DeviceLimits& limits, bool allow_on_chip, bool allow_resident = true) {
