@@ -203,9 +203,9 @@ _ISA_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
 def test_every_micro_kernel_variant(isa):
     """The AVX2 and portable micro-kernels (the default here may be AVX-512) in a fresh
-    process with JAXMPS_CONV_ISA capping the choice."""
+    process with JAXMPS_CPU_ISA capping the choice."""
     _require_all()
-    env = dict(os.environ, JAXMPS_CONV_ISA=isa)
+    env = dict(os.environ, JAXMPS_CPU_ISA=isa)
     result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

@@ -4,6 +4,11 @@ that the native path really calls our custom call."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +59,51 @@ def test_window_grid(x64, op, window, channels_last):
     """Odd, even, rectangular and larger-than-image windows, in float64 for a tight check."""
     x = _image((2, 6, 7, 5), "float64", channels_last, seed=3)
     _compare(op, x, channels_last, window, "float64")
+
+
+# Spatial-window units take 16 to 64 channels, fewer on wide rows (SpatialUnits in
+# xla_ffi/cpu/window_sum.h): several channel blocks with a ragged last one, at both widths.
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 70), (1, 3, 1100, 20)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("op", WINDOW_OPS)
+def test_window_ops_over_channel_blocks(op, shape, channels_last):
+    x = _image(shape, "float32", channels_last, seed=5)
+    _compare(op, x, channels_last, (3, 4), "float32", scale=2.0)
+
+
+_ISA_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    from jaxmps._src.samples import WINDOW_OPS, kernel_calls
+    from conftest import assert_close
+    for op in WINDOW_OPS:
+        for shape, channels_last, dtype in [((2, 5, 7, 70), True, "float32"),
+                                            ((1, 6, 9, 20), False, "float32"),
+                                            ((2, 4, 5, 19), True, "bfloat16")]:
+            x = jax.random.normal(jax.random.PRNGKey(1), shape).astype(dtype)
+            x = x if channels_last else x.transpose(0, 3, 1, 2)
+            for kernel, args, params in kernel_calls(op, x, channels_last, (3, 4)):
+                got = kernel.bind(*args, **params, implementation="native")
+                expected = kernel.call_reference(*args, **params)
+                for g, e in zip(got, expected):
+                    assert_close(g, e, dtype, 2.0, err_msg=f"{kernel.name} {shape}")
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_window_ops_in_every_vector_copy(isa):
+    """The window kernels' AVX2 and portable copies (the default here may be AVX-512), in a
+    fresh process with JAXMPS_CPU_ISA capping the choice (xla_ffi/cpu/cpu_isa.h)."""
+    for op in WINDOW_OPS:
+        for kernel, _, _ in kernel_calls(op, jnp.ones((1, 2, 2, 1)), True):
+            require_native(kernel)
+    env = dict(os.environ, JAXMPS_CPU_ISA=isa)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__),
+                                                      env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
 def test_large_image_float32_accuracy():

@@ -2,15 +2,9 @@
 // AVX2+FMA and portable code in one translation unit and chosen once from the CPU's features.
 #include "conv_gemm.h"
 
-#include <cstdlib>
 #include <cstring>
-#include <string_view>
 
-#if defined(__x86_64__) || defined(__i386__)
-#define JAXMPS_CONV_X86 1
-#else
-#define JAXMPS_CONV_X86 0
-#endif
+#include "cpu_isa.h"
 
 namespace jaxmps::cpu {
 namespace {
@@ -111,7 +105,7 @@ __attribute__((always_inline)) inline void RowsKernelBody(int64_t taps, int64_t 
 #define JAXMPS_AVX2 __attribute__((target("avx2,fma")))
 #define JAXMPS_DEFAULT_TARGET
 
-#if JAXMPS_CONV_X86
+#if JAXMPS_CPU_X86
 // 14 x 32 floats: 28 zmm accumulators, 2 B loads + 14 broadcasts per 28 FMAs.
 JAXMPS_TILE_ROWS(FloatAvx512, float, 14, 2, 16, JAXMPS_AVX512)
 // 14 x 16 floats: 14 zmm accumulators (enough independent FMAs to hide their latency), for
@@ -124,29 +118,11 @@ JAXMPS_TILE_ROWS(FloatNarrowAvx2, float, 12, 1, 8, JAXMPS_AVX2)
 // float64 is for checks, not speed: one tile per ISA and no row-pointer kernels.
 JAXMPS_TILE(DoubleAvx512, double, 12, 2, 8, JAXMPS_AVX512)
 JAXMPS_TILE(DoubleAvx2, double, 6, 2, 4, JAXMPS_AVX2)
-#endif  // JAXMPS_CONV_X86
+#endif  // JAXMPS_CPU_X86
 
 // 4 x 8 floats (4 x 4 doubles) in SSE2 (x86-64 baseline) or whatever the default target is.
 JAXMPS_TILE_ROWS(FloatPortable, float, 4, 2, 4, JAXMPS_DEFAULT_TARGET)
 JAXMPS_TILE(DoublePortable, double, 4, 2, 2, JAXMPS_DEFAULT_TARGET)
-
-enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa DetectIsa() {
-  Isa best = Isa::kPortable;
-#if JAXMPS_CONV_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-  if (__builtin_cpu_supports("avx512f") && best == Isa::kAvx2) best = Isa::kAvx512;
-#endif
-  const char* cap = std::getenv("JAXMPS_CONV_ISA");
-  if (cap != nullptr) {
-    std::string_view v(cap);
-    if (v == "portable") best = Isa::kPortable;
-    if (v == "avx2" && best == Isa::kAvx512) best = Isa::kAvx2;
-  }
-  return best;
-}
 
 // Whether the half-width tile of full width `nr` suits a GEMM of `columns` columns.
 bool PreferNarrow(int64_t columns, int64_t nr) {
@@ -157,9 +133,9 @@ bool PreferNarrow(int64_t columns, int64_t nr) {
 }  // namespace
 
 const MicroKernel<float>& FloatMicroKernel(int64_t columns) {
-  static const Isa isa = DetectIsa();
+  static const Isa isa = CpuIsa();
   switch (isa) {
-#if JAXMPS_CONV_X86
+#if JAXMPS_CPU_X86
     case Isa::kAvx512: {
       static const MicroKernel<float> wide{14, 32, FloatAvx512, FloatAvx512Rows, "avx512"};
       static const MicroKernel<float> narrow{14, 16, FloatNarrowAvx512, FloatNarrowAvx512Rows,
@@ -182,8 +158,8 @@ const MicroKernel<float>& FloatMicroKernel(int64_t columns) {
 
 const MicroKernel<double>& DoubleMicroKernel(int64_t /*columns*/) {
   static const MicroKernel<double> kernel = [] {
-    switch (DetectIsa()) {
-#if JAXMPS_CONV_X86
+    switch (CpuIsa()) {
+#if JAXMPS_CPU_X86
       case Isa::kAvx512: return MicroKernel<double>{12, 16, DoubleAvx512, nullptr, "avx512"};
       case Isa::kAvx2: return MicroKernel<double>{6, 8, DoubleAvx2, nullptr, "avx2"};
 #endif

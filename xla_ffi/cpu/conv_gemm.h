@@ -36,7 +36,7 @@ struct MicroKernel {
 // output columns: a half-width tile (14x16 floats on AVX-512, 12x8 on AVX2) where the full
 // width would leave half of the last column panel idle (columns % NR in [1, NR/2]: the 16
 // output channels of small layers), the full-width tile otherwise. The environment variable
-// JAXMPS_CONV_ISA=avx2|portable caps the choice (to test every variant on one host).
+// JAXMPS_CPU_ISA=avx2|portable caps the choice (cpu_isa.h; to test every variant on one host).
 const MicroKernel<float>& FloatMicroKernel(int64_t columns);
 const MicroKernel<double>& DoubleMicroKernel(int64_t columns);
 

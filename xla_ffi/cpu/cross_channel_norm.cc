@@ -1,6 +1,7 @@
 // Typed XLA FFI handlers (API 0.1) for MPSCNNCrossChannelNormalization on CPU: targets
 // jaxmps_cross_channel_norm_forward and jaxmps_cross_channel_norm_gradient, NHWC and NCHW.
 #include <memory>
+#include <utility>
 
 #include "window_sum.h"
 
@@ -22,6 +23,14 @@ struct Params {
 //   of each pixel's contiguous channel vector: no transposes, vectorised along channels.
 // Tile sizes depend only on the shape and window, never on the thread count.
 constexpr int64_t kShiftedMaxTaps = 16;
+
+// Calls f(std::integral_constant<int, taps>{}) for 1 <= taps <= kShiftedMaxTaps.
+template <typename F>
+void WithTaps(int64_t taps, F&& f) {
+  [&]<int... K>(std::integer_sequence<int, K...>) {
+    ((taps == K + 1 ? (f(std::integral_constant<int, K + 1>{}), 0) : 0), ...);
+  }(std::make_integer_sequence<int, kShiftedMaxTaps>{});
+}
 
 template <typename Acc>
 class ChannelTiles {
@@ -68,14 +77,22 @@ class ChannelTiles {
     w = w.ClippedTo(s_.c);
     const int64_t c = s_.c, taps = w.size();
     std::fill(padded, padded + c + taps, 0.0);
-    for (int64_t p = 0; p < t.pixels; ++p) {
-      const Acc* vp = v + p * c;
-      double* op = out + p * c;
-      for (int64_t j = 0; j < c; ++j) padded[w.lo + j] = double(vp[j]);
-      std::fill(op, op + c, 0.0);
-      for (int64_t tap = 0; tap < taps; ++tap)
-        for (int64_t j = 0; j < c; ++j) op[j] += padded[j + tap];
-    }
+    WithTaps(taps, [&](auto taps_constant) {
+      constexpr int kTaps = decltype(taps_constant)::value;
+      for (int64_t p = 0; p < t.pixels; ++p) {
+        const Acc* vp = v + p * c;
+        double* op = out + p * c;
+        for (int64_t j = 0; j < c; ++j) padded[w.lo + j] = double(vp[j]);
+        // One pass, the taps unrolled in registers (tap order kept: the same sums as adding
+        // shifted copies pass by pass, which spent its time loading and storing op).
+        for (int64_t j = 0; j < c; ++j) {
+          double sum = 0.0;
+#pragma GCC unroll 16
+          for (int tap = 0; tap < kTaps; ++tap) sum += padded[j + tap];
+          op[j] = sum;
+        }
+      }
+    });
   }
 
  private:
@@ -90,14 +107,15 @@ std::unique_ptr<V[]> Scratch(int64_t m) {
   return std::make_unique_for_overwrite<V[]>(size_t(m));
 }
 
-// L = delta + alpha/N * s from window sums s of X^2, then t = L^-beta into tb (t keeps L).
+// L = delta + alpha/N * s from window sums s of X^2, then L^-beta into tb; t keeps L, or with
+// `next` (the gradient) becomes L^(-beta-1).
 template <typename Acc>
 void Denominator(const Params& p, const NegPow& neg_pow, const double* s, Acc* t, Acc* tb,
-                 int64_t m) {
+                 int64_t m, bool next = false) {
   const double scale = p.alpha / double(p.kernel_size);
 #pragma GCC ivdep
   for (int64_t j = 0; j < m; ++j) t[j] = Acc(p.delta + scale * s[j]);
-  neg_pow(t, tb, m);
+  neg_pow(t, tb, m, next ? t : nullptr);
 }
 
 // Y = X L^-beta.
@@ -163,11 +181,11 @@ ffi::Error Gradient(ffi::ThreadPool pool, int64_t kernel_size, double alpha, dou
 #pragma GCC ivdep
       for (int64_t j = 0; j < m; ++j) inner[j] = xt[j] * xt[j];
       tiles.Sum(inner.get(), sums.get(), tile, Window::Forward(kernel_size), padded.get());
-      Denominator(p, neg_pow, sums.get(), t.get(), tb.get(), m);
+      Denominator(p, neg_pow, sums.get(), t.get(), tb.get(), m, /*next=*/true);
 #pragma GCC ivdep
       for (int64_t j = 0; j < m; ++j) {
-        g[j] *= tb[j];  // now g L^-beta
-        inner[j] = g[j] * xt[j] / t[j];
+        inner[j] = g[j] * xt[j] * t[j];  // t: L^(-beta-1)
+        g[j] *= tb[j];                   // now g L^-beta
       }
       tiles.Sum(inner.get(), sums.get(), tile, Window::Adjoint(kernel_size), padded.get());
 #pragma GCC ivdep

@@ -132,13 +132,13 @@ ffi::Error Gradient(ffi::ThreadPool pool, int64_t kernel_h, int64_t kernel_w, do
       std::vector<double> sa(m), sc(m), scm(m);
       auto source = [&](int64_t r, Acc* const* slot) {
         const Acc* xr = moments.Compute(xs, r, mean.data(), t.data());
-        neg_pow(t.data(), tb.data(), m);
+        neg_pow(t.data(), tb.data(), m, /*next=*/t.data());  // t now T^(-beta-1)
         moments.rows().Load(gs, r, g.data());
         Acc *a = slot[0], *c = slot[1], *cm = slot[2], *xkeep = slot[3];
 #pragma GCC ivdep
         for (int64_t j = 0; j < m; ++j) {
           a[j] = g[j] * tb[j];
-          c[j] = a[j] * (xr[j] - p0a * mean[j]) / t[j];
+          c[j] = g[j] * (xr[j] - p0a * mean[j]) * t[j];
           cm[j] = c[j] * mean[j];
           xkeep[j] = xr[j];
         }

@@ -120,13 +120,13 @@ ffi::Error Gradient(ffi::ThreadPool pool, int64_t kernel_h, int64_t kernel_w, do
       std::vector<double> sum(m);
       auto source = [&](int64_t r, Acc* const* slot) {
         const Acc* xr = den.Compute(xs, r, t.data());
-        neg_pow(t.data(), tb.data(), m);
+        neg_pow(t.data(), tb.data(), m, /*next=*/t.data());  // t now T^(-beta-1)
         den.rows().Load(gs, r, g.data());
         Acc *inner = slot[0], *a = slot[1], *xkeep = slot[2];
 #pragma GCC ivdep
         for (int64_t j = 0; j < m; ++j) {
           a[j] = g[j] * tb[j];
-          inner[j] = a[j] * xr[j] / t[j];
+          inner[j] = g[j] * xr[j] * t[j];
           xkeep[j] = xr[j];
         }
       };
