@@ -34,6 +34,19 @@ __host__ __device__ inline int64_t ResidentQuarters(const StatsPlan& p) {
 }
 __host__ __device__ inline int64_t Align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
+// Byte offsets of the sections after the coefficient table; `tile` is also the fixed size.
+struct ResidentOffsets {
+  int64_t red, fin, tile;
+};
+template <typename A>
+__host__ __device__ inline ResidentOffsets ResidentSections(const StatsPlan& p) {
+  ResidentOffsets o;
+  o.red = Align16(p.c * sizeof(Coef<A>));
+  o.fin = o.red + Align16(int64_t(kResidentThreads) * p.vec * sizeof(A));
+  o.tile = o.fin + Align16(2 * ResidentQuarters(p) * p.c * sizeof(A));
+  return o;
+}
+
 template <typename T, typename A, int V>
 struct ResidentLayout {
   Coef<A>* coef;
@@ -41,18 +54,17 @@ struct ResidentLayout {
   A* fin;
   Vec<T, V>* tile;
   __device__ ResidentLayout(const StatsPlan& p, unsigned char* smem) {
+    const ResidentOffsets o = ResidentSections<A>(p);
     coef = reinterpret_cast<Coef<A>*>(smem);
-    red = reinterpret_cast<A*>(smem + Align16(p.c * sizeof(Coef<A>)));
-    fin = red + Align16(int64_t(kResidentThreads) * V * sizeof(A)) / sizeof(A);
-    tile = reinterpret_cast<Vec<T, V>*>(
-        reinterpret_cast<unsigned char*>(fin) + Align16(2 * ResidentQuarters(p) * p.c * sizeof(A)));
+    red = reinterpret_cast<A*>(smem + o.red);
+    fin = reinterpret_cast<A*>(smem + o.fin);
+    tile = reinterpret_cast<Vec<T, V>*>(smem + o.tile);
   }
 };
 
 template <typename T, typename A>
 int64_t ResidentFixedBytes(const StatsPlan& p) {
-  return Align16(p.c * sizeof(Coef<A>)) + Align16(int64_t(kResidentThreads) * p.vec * sizeof(A)) +
-         Align16(2 * ResidentQuarters(p) * p.c * sizeof(A));
+  return ResidentSections<A>(p).tile;
 }
 template <typename T, typename A>
 int64_t ResidentSharedBytes(const StatsPlan& p) {
@@ -190,6 +202,10 @@ __global__ void __launch_bounds__(kResidentThreads, 1)
     xv[u] = LoadVec<T, V>(x + base + r * c);
     if constexpr (kGrad) gv[u] = LoadVec<T, V>(dy + base + r * c);
   };
+  auto load_kept = [&](int64_t r, int u) {
+    xv[u] = tile_at(r, 0);
+    if constexpr (kGrad) gv[u] = tile_at(r, 1);
+  };
   const int64_t kept = RowsBelow(rs + phase, r1, step);
   if (active) {
     // The kept rows go straight to shared memory, all of them in flight at once, while the
@@ -201,12 +217,7 @@ __global__ void __launch_bounds__(kResidentThreads, 1)
     }
     SweepRows(r0 + phase, RowsBelow(r0 + phase, rs, step), step, load_global, add);
     WaitCopiesToShared();
-    SweepRows(rs + phase, kept, step,
-              [&](int64_t r, int u) {
-                xv[u] = tile_at(r, 0);
-                if constexpr (kGrad) gv[u] = tile_at(r, 1);
-              },
-              add);
+    SweepRows(rs + phase, kept, step, load_kept, add);
   }
 
   // CTA totals: a fixed pairwise tree over the row phases (log2(step) roundings deep: a
@@ -281,11 +292,8 @@ __global__ void __launch_bounds__(kResidentThreads, 1)
     const int64_t k = stat0 + slot;
     if constexpr (kGrad) {
       sh.coef[slot] = GradientCoef(p, gp_own, k, s0, s1);
-    } else {  // the chunked path's finalize (FinalizeKernel), on this group's sums
-      const A inv_m = A(1) / A(p.count);
-      const A shifted_mean = s0 * inv_m;
-      const A var = max(s1 * inv_m - shifted_mean * shifted_mean, A(0));
-      sh.coef[slot] = ForwardCoef(p, fp_own, k, ToAcc(x[group_base + slot]) + shifted_mean, var);
+    } else {  // sums shifted by row 0 of the group, as on the chunked path
+      sh.coef[slot] = ForwardCoefFromShiftedSums(p, fp_own, k, ToAcc(x[group_base + slot]), s0, s1);
     }
   }
   __syncthreads();
@@ -305,12 +313,7 @@ __global__ void __launch_bounds__(kResidentThreads, 1)
   if (streamed > 0) {
     SweepRows(r0 + phase + (streamed - 1) * step, streamed, -int64_t(step), load_global, store);
   }
-  SweepRows(rs + phase, kept, step,
-            [&](int64_t r, int u) {
-              xv[u] = tile_at(r, 0);
-              if constexpr (kGrad) gv[u] = tile_at(r, 1);
-            },
-            store);
+  SweepRows(rs + phase, kept, step, load_kept, store);
 }
 
 // ---- host side ------------------------------------------------------------------------------

@@ -281,6 +281,18 @@ __device__ __forceinline__ Coef<A> ForwardCoef(const StatsPlan& p, const Forward
   return Coef<A>{mean, A(0), rstd * fp.gamma[ch], fp.beta[ch]};
 }
 
+// Forward coefficients from s0, s1 = sums of (x - shift) and (x - shift)^2 over the statistic's
+// p.count elements; shift is one of them, so the variance keeps its accuracy when |mean| >> std.
+template <typename A>
+__device__ __forceinline__ Coef<A> ForwardCoefFromShiftedSums(const StatsPlan& p,
+                                                              const ForwardParams<A>& fp,
+                                                              int64_t k, A shift, A s0, A s1) {
+  const A inv_m = A(1) / A(p.count);
+  const A shifted_mean = s0 * inv_m;
+  const A var = max(s1 * inv_m - shifted_mean * shifted_mean, A(0));
+  return ForwardCoef(p, fp, k, shift + shifted_mean, var);
+}
+
 // Gradient coefficients from the reduced sums (KERNELS.md): dx = a g + b (x - mean) + c with
 // a = gamma rstd, b = -a rstd sgx / M (+ 2 dvariance / M), c = -a sg / M (+ dmean / M).
 template <typename A>
@@ -597,10 +609,7 @@ __global__ void __launch_bounds__(kFinalizeWarps * 32)
   if constexpr (kGrad) {
     coef[k] = GradientCoef(p, gp, k, s0, s1);
   } else {
-    const A inv_m = A(1) / A(p.count);
-    const A shifted_mean = s0 * inv_m;
-    const A var = max(s1 * inv_m - shifted_mean * shifted_mean, A(0));
-    coef[k] = ForwardCoef(p, fp, k, ToAcc(x[FirstElement(p, k)]) + shifted_mean, var);
+    coef[k] = ForwardCoefFromShiftedSums(p, fp, k, ToAcc(x[FirstElement(p, k)]), s0, s1);
   }
 }
 
@@ -900,6 +909,20 @@ ffi::Error LaunchChunkedGradient(std::string_view op, cudaStream_t stream, const
   return ffi::Error::Success();
 }
 
+// The resident launch `resident(&refused)`; where the driver refuses the cooperative grid
+// (nothing ran), the sweep re-planned without the resident path, run by `again(plan, vec)`
+// with vec a std::integral_constant of the new plan's vector width.
+template <typename T, typename A, typename Resident, typename Again>
+ffi::Error ResidentOrFallback(std::string_view op, const StatsPlan& p, Resident&& resident,
+                              Again&& again) {
+  bool refused = false;
+  JAXMPS_RETURN_IF_ERROR(resident(&refused));
+  if (!refused) return ffi::Error::Success();
+  StatsPlan fallback;
+  JAXMPS_RETURN_IF_ERROR((PlanWithoutResident<T, A>(op, p, &fallback)));
+  return DispatchVector<T>(fallback.vec, [&](auto v) { return again(fallback, v); });
+}
+
 // Forward sweep: y and the statistics outputs (fp.mean_out, fp.second_out).
 template <typename T, typename A, int V>
 ffi::Error LaunchStatsForward(std::string_view op, cudaStream_t stream,
@@ -917,16 +940,16 @@ ffi::Error LaunchStatsForward(std::string_view op, cudaStream_t stream,
                          p.blocks(), p.cluster, kStatsThreads, smem, stream, p, x, y, fp);
   }
   if (p.path == StatsPath::kResident) {
-    bool refused = false;
-    const auto launch = LaunchResident<T, A, V, false>;  // (a template-id: no commas in the macro)
-    JAXMPS_RETURN_IF_ERROR(
-        launch(op, stream, scratch, p, x, nullptr, y, fp, GradientParams<A>{}, &refused));
-    if (!refused) return ffi::Error::Success();
-    StatsPlan fallback;
-    JAXMPS_RETURN_IF_ERROR((PlanWithoutResident<T, A>(op, p, &fallback)));
-    return DispatchVector<T>(fallback.vec, [&](auto v) {
-      return LaunchStatsForward<T, A, decltype(v)::value>(op, stream, scratch, fallback, x, y, fp);
-    });
+    return ResidentOrFallback<T, A>(
+        op, p,
+        [&](bool* refused) {
+          return LaunchResident<T, A, V, false>(op, stream, scratch, p, x, nullptr, y, fp,
+                                                GradientParams<A>{}, refused);
+        },
+        [&](const StatsPlan& fallback, auto v) {
+          return LaunchStatsForward<T, A, decltype(v)::value>(op, stream, scratch, fallback, x,
+                                                              y, fp);
+        });
   }
   A* partial = nullptr;
   Coef<A>* coef = nullptr;
@@ -952,17 +975,16 @@ ffi::Error LaunchStatsGradient(std::string_view op, cudaStream_t stream,
                          p.blocks(), p.cluster, kStatsThreads, smem, stream, p, dy, x, dx, gp);
   }
   if (p.path == StatsPath::kResident) {
-    bool refused = false;
-    const auto launch = LaunchResident<T, A, V, true>;  // (a template-id: no commas in the macro)
-    JAXMPS_RETURN_IF_ERROR(
-        launch(op, stream, scratch, p, x, dy, dx, ForwardParams<A>{}, gp, &refused));
-    if (!refused) return ffi::Error::Success();
-    StatsPlan fallback;
-    JAXMPS_RETURN_IF_ERROR((PlanWithoutResident<T, A>(op, p, &fallback)));
-    return DispatchVector<T>(fallback.vec, [&](auto v) {
-      return LaunchStatsGradient<T, A, decltype(v)::value>(op, stream, scratch, fallback, dy, x,
-                                                           dx, gp);
-    });
+    return ResidentOrFallback<T, A>(
+        op, p,
+        [&](bool* refused) {
+          return LaunchResident<T, A, V, true>(op, stream, scratch, p, x, dy, dx,
+                                               ForwardParams<A>{}, gp, refused);
+        },
+        [&](const StatsPlan& fallback, auto v) {
+          return LaunchStatsGradient<T, A, decltype(v)::value>(op, stream, scratch, fallback, dy,
+                                                               x, dx, gp);
+        });
   }
   A* partial = nullptr;
   Coef<A>* coef = nullptr;
