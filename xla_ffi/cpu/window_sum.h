@@ -280,20 +280,23 @@ class SpatialUnits {
  public:
   static constexpr int64_t kMinUnits = 16;
 
-  // Channels per unit: as many as keep a row of the unit within kRowValues values, from 16 (one
-  // cache line of floats per pixel) to 64. Wider blocks read longer contiguous runs of an NHWC
-  // row, which the hardware prefetchers follow: measured on the 2-core CI machine (N=8, 64x64,
-  // C=64, window 5, float32), spatial norm forward 2.2 -> 1.75 ms and gradient 4.5 -> 3.7 ms
-  // with 64 channels instead of 16; at 128x128, 64 channels still beat 32 and 16. The budget
-  // keeps a unit's rings and column sums (about 30 rows for a gradient) within a core's L2.
+  // Channels per unit. NHWC: as many as keep a row of the unit within kRowValues values, from
+  // 16 (one cache line of floats per pixel) to 64: wider blocks read longer contiguous runs of
+  // a row, which the hardware prefetchers follow. Measured on the 2-core CI machine (N=8,
+  // 64x64, C=64, window 5, float32): spatial norm forward 2.2 -> 1.75 ms and gradient 4.5 ->
+  // 3.7 ms with 64 channels instead of 16; at 128x128, 64 channels still beat 32 and 16. The
+  // budget keeps a unit's rings and column sums (about 30 rows for a gradient) within a core's
+  // L2. NCHW: 16, since each channel of a unit is a separate stream of plane rows (64 channels
+  // measured slower there: spatial norm forward+backward 7.0 -> 8.9-9.6 ms).
   static constexpr int64_t kMinLanes = 16, kMaxLanes = 64, kRowValues = 16384;
-  static int64_t LanesFor(int64_t width) {
-    const int64_t fit = kRowValues / std::max<int64_t>(1, width) / kMinLanes * kMinLanes;
+  static int64_t LanesFor(const ImageShape& s) {
+    if (!s.channels_last) return kMinLanes;
+    const int64_t fit = kRowValues / std::max<int64_t>(1, s.w) / kMinLanes * kMinLanes;
     return std::clamp(fit, kMinLanes, kMaxLanes);
   }
 
   // `halo_rows`: rows beyond the band a unit must stream (kernel_h - 1 per window pass).
-  SpatialUnits(const ImageShape& s, int64_t halo_rows) : s_(s), lanes_(LanesFor(s.w)) {
+  SpatialUnits(const ImageShape& s, int64_t halo_rows) : s_(s), lanes_(LanesFor(s)) {
     blocks_ = (s.c + lanes_ - 1) / lanes_;
     const int64_t images = s.n * blocks_;
     int64_t bands = images > 0 ? (kMinUnits + images - 1) / images : 1;
