@@ -72,21 +72,17 @@ def test_window_ops_over_channel_blocks(op, shape, channels_last):
     _compare(op, x, channels_last, (3, 4), "float32", scale=2.0)
 
 
+# The subprocess reruns this module's own comparison (_compare: every kernel of the op against
+# its reference) under the ISA cap.
 _ISA_SCRIPT = textwrap.dedent("""
-    import jax, numpy as np
-    from jaxmps._src.samples import WINDOW_OPS, kernel_calls
-    from conftest import assert_close
+    from jaxmps._src.samples import WINDOW_OPS
+    from test_norm_native import _compare, _image
     for op in WINDOW_OPS:
         for shape, channels_last, dtype in [((2, 5, 7, 70), True, "float32"),
                                             ((1, 6, 9, 20), False, "float32"),
                                             ((2, 4, 5, 19), True, "bfloat16")]:
-            x = jax.random.normal(jax.random.PRNGKey(1), shape).astype(dtype)
-            x = x if channels_last else x.transpose(0, 3, 1, 2)
-            for kernel, args, params in kernel_calls(op, x, channels_last, (3, 4)):
-                got = kernel.bind(*args, **params, implementation="native")
-                expected = kernel.call_reference(*args, **params)
-                for g, e in zip(got, expected):
-                    assert_close(g, e, dtype, 2.0, err_msg=f"{kernel.name} {shape}")
+            x = _image(shape, dtype, channels_last, seed=1)
+            _compare(op, x, channels_last, (3, 4), dtype, scale=2.0)
     print("ok")
 """)
 

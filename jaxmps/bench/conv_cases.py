@@ -108,8 +108,7 @@ def _torch_impl(x_nhwc, w_ohwi, dy_nhwc, kernel, kw, channels_last, dtype, mode)
 def cases(size: str, dtypes: Sequence[str], layouts: Sequence[str],
           with_torch: bool = True) -> List[Case]:
     """conv2d cases at `size` ("issue": N=8, 64x64, 64 -> 64 channels; "gpu": 128 -> 128;
-    "small") over the
-    VARIANTS x dtypes x layouts x forward / forward+backward."""
+    "small") over the VARIANTS x dtypes x layouts x forward / forward+backward."""
     shape = SIZES[size]
     channels = shape[3]
     rng = np.random.default_rng(0)

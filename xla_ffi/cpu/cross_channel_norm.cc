@@ -1,7 +1,6 @@
 // Typed XLA FFI handlers (API 0.1) for MPSCNNCrossChannelNormalization on CPU: targets
 // jaxmps_cross_channel_norm_forward and jaxmps_cross_channel_norm_gradient, NHWC and NCHW.
 #include <memory>
-#include <utility>
 
 #include "window_sum.h"
 
@@ -23,14 +22,6 @@ struct Params {
 //   of each pixel's contiguous channel vector: no transposes, vectorised along channels.
 // Tile sizes depend only on the shape and window, never on the thread count.
 constexpr int64_t kShiftedMaxTaps = 16;
-
-// Calls f(std::integral_constant<int, taps>{}) for 1 <= taps <= kShiftedMaxTaps.
-template <typename F>
-void WithTaps(int64_t taps, F&& f) {
-  [&]<int... K>(std::integer_sequence<int, K...>) {
-    ((taps == K + 1 ? (f(std::integral_constant<int, K + 1>{}), 0) : 0), ...);
-  }(std::make_integer_sequence<int, kShiftedMaxTaps>{});
-}
 
 template <typename Acc>
 class ChannelTiles {
@@ -77,7 +68,7 @@ class ChannelTiles {
     w = w.ClippedTo(s_.c);
     const int64_t c = s_.c, taps = w.size();
     std::fill(padded, padded + c + taps, 0.0);
-    WithTaps(taps, [&](auto taps_constant) {
+    WithConstant<kShiftedMaxTaps>(taps, [&](auto taps_constant) {
       constexpr int kTaps = decltype(taps_constant)::value;
       for (int64_t p = 0; p < t.pixels; ++p) {
         const Acc* vp = v + p * c;

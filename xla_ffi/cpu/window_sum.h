@@ -400,6 +400,15 @@ class UnitRows {
   int64_t offset_, lanes_;
 };
 
+// Calls f(std::integral_constant<int, value>{}) when 0 <= value <= kMax (else nothing), so a
+// loop over a small runtime count (a power, a window's taps) is compiled unrolled.
+template <int kMax, typename F>
+void WithConstant(int64_t value, F&& f) {
+  [&]<int... K>(std::integer_sequence<int, K...>) {
+    ((value == K ? (f(std::integral_constant<int, K>{}), 0) : 0), ...);
+  }(std::make_integer_sequence<int, kMax + 1>{});
+}
+
 // ---------------------------------------------------------------------------------------------
 // out = t^-beta over an array of V (float or double). The generic form is exp(-beta log t),
 // in double. Integer and half-integer beta up to 8 (the MPS defaults are 5 and 0.5) use
@@ -498,9 +507,7 @@ class NegPow {
   // Calls f(std::integral_constant<int, power_>) so each loop has its power unrolled.
   template <typename F>
   void WithPower(F&& f) const {
-    [&]<int... P>(std::integer_sequence<int, P...>) {
-      ((power_ == P ? (f(std::integral_constant<int, P>{}), 0) : 0), ...);
-    }(std::make_integer_sequence<int, kMaxPower + 1>{});
+    WithConstant<kMaxPower>(power_, std::forward<F>(f));
   }
 
   // x^P by repeated squaring, unrolled at compile time.
