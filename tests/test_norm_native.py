@@ -72,15 +72,29 @@ def test_window_ops_over_channel_blocks(op, shape, channels_last):
     _compare(op, x, channels_last, (3, 4), "float32", scale=2.0)
 
 
+# Instance/batch statistics units (xla_ffi/cpu/channel_sweep.h): NHWC chunks of 128 pixels,
+# NCHW chunks of 2048 read 16 lanes at a time. 2350 pixels = several chunks with a ragged last
+# one and a ragged lane tail; the offset makes a dropped or doubled chunk move the mean.
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("op", ["instance_norm", "batch_norm"])
+def test_statistics_over_pixel_chunks(op, channels_last):
+    x = _image((2, 47, 50, 3), "float32", channels_last, seed=6) + 2.0
+    _compare(op, x, channels_last, (3, 4), "float32", scale=2.0)
+
+
+# Ops whose CPU work units run in compiled AVX-512 / AVX2 / baseline copies
+# (ParallelForVectorized in xla_ffi/cpu/parallel.h).
+VECTORIZED_OPS = (*WINDOW_OPS, "instance_norm", "batch_norm")
+
 # The subprocess reruns this module's own comparison (_compare: every kernel of the op against
 # its reference) under the ISA cap.
 _ISA_SCRIPT = textwrap.dedent("""
-    from jaxmps._src.samples import WINDOW_OPS
-    from test_norm_native import _compare, _image
-    for op in WINDOW_OPS:
+    from test_norm_native import VECTORIZED_OPS, _compare, _image
+    for op in VECTORIZED_OPS:
         for shape, channels_last, dtype in [((2, 5, 7, 70), True, "float32"),
                                             ((1, 6, 9, 20), False, "float32"),
-                                            ((2, 4, 5, 19), True, "bfloat16")]:
+                                            ((2, 4, 5, 19), True, "bfloat16"),
+                                            ((1, 47, 50, 2), False, "float16")]:
             x = _image(shape, dtype, channels_last, seed=1)
             _compare(op, x, channels_last, (3, 4), dtype, scale=2.0)
     print("ok")
@@ -88,10 +102,10 @@ _ISA_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
-def test_window_ops_in_every_vector_copy(isa):
-    """The window kernels' AVX2 and portable copies (the default here may be AVX-512), in a
-    fresh process with JAXMPS_CPU_ISA capping the choice (xla_ffi/cpu/cpu_isa.h)."""
-    for op in WINDOW_OPS:
+def test_vectorized_ops_in_every_vector_copy(isa):
+    """The AVX2 and portable copies of the vectorised kernels (the default here may be
+    AVX-512), in a fresh process with JAXMPS_CPU_ISA capping the choice (cpu_isa.h)."""
+    for op in VECTORIZED_OPS:
         for kernel, _, _ in kernel_calls(op, jnp.ones((1, 2, 2, 1)), True):
             require_native(kernel)
     env = dict(os.environ, JAXMPS_CPU_ISA=isa)

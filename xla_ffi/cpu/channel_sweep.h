@@ -12,19 +12,24 @@
 
 namespace jaxmps::cpu {
 
-// Pixels per work unit. Partial sums are accumulated in the data's accumulation type over one
-// chunk (short enough to keep float32 sums accurate) and in double across chunks; the chunking
-// depends only on the shape, so results are bitwise identical for any thread count.
+// Work units: NHWC (image, chunk of 128 pixels, all channels); NCHW (image, channel, chunk of
+// 2048 pixels read as rows of kPlaneLanes). Either way each float32 partial sum covers 128
+// values before it is added in double across chunks (short enough to keep float32 sums
+// accurate), and the chunking depends only on the shape, so results are bitwise identical for
+// any thread count. NCHW chunks are longer because each is one contiguous run: 128-pixel units
+// cost more in hand-out than in arithmetic there.
 constexpr int64_t kPixelChunk = 128;
+constexpr int64_t kPlaneLanes = 16;
+constexpr int64_t kPlaneChunk = kPixelChunk * kPlaneLanes;
 
 template <typename T>
 using AccOf = decltype(Load(std::declval<T>()));
 
-// Work units: NHWC (image, chunk of pixels, all channels); NCHW (image, channel, chunk).
 struct Units {
-  int64_t chunks_per_plane, count;
+  int64_t chunk, chunks_per_plane, count;
   explicit Units(const ImageShape& s)
-      : chunks_per_plane((s.pixels() + kPixelChunk - 1) / kPixelChunk),
+      : chunk(s.channels_last ? kPixelChunk : kPlaneChunk),
+        chunks_per_plane((s.pixels() + chunk - 1) / chunk),
         count(s.n * chunks_per_plane * (s.channels_last ? 1 : s.c)) {}
 };
 
@@ -44,9 +49,9 @@ void SumPairsImpl(ffi::ThreadPool& pool, const ImageShape& s, const T* __restric
   std::vector<double> part1(units.count * slot), part2(units.count * slot);
   // kHasB is a template parameter so the inner loops carry no branch and vectorise.
   auto second_of = [&](int64_t i) { return kHasB ? Load(b[i]) : Acc(0); };
-  ParallelFor(pool, units.count, [&](int64_t unit) {
+  ParallelForVectorized(pool, units.count, [&](int64_t unit) {
     const int64_t chunk = unit % units.chunks_per_plane;
-    const int64_t p0 = chunk * kPixelChunk, p1 = std::min(pixels, p0 + kPixelChunk);
+    const int64_t p0 = chunk * units.chunk, p1 = std::min(pixels, p0 + units.chunk);
     double* out1 = part1.data() + unit * slot;
     double* out2 = part2.data() + unit * slot;
     if (s.channels_last) {
@@ -68,11 +73,15 @@ void SumPairsImpl(ffi::ThreadPool& pool, const ImageShape& s, const T* __restric
       const int64_t plane = unit / units.chunks_per_plane;  // = n * C + c
       const int64_t base = plane * pixels;
       const Acc ctr = center[plane];
-      // Eight independent lanes let the compiler vectorise the sum without -ffast-math.
-      Acc l1[8] = {}, l2[8] = {};
+      // The plane read as rows of kPlaneLanes pixels, one partial sum per lane: the same
+      // independent-accumulator loop as NHWC's. `unroll 1` keeps GCC from unrolling the lane
+      // loop into scalars before the loop vectoriser sees it (the SLP pass then rebuilt them
+      // with shuffles: the statistics pass ran 3x slower). The ragged tail goes to lane 0.
+      Acc l1[kPlaneLanes] = {}, l2[kPlaneLanes] = {};
       int64_t p = p0;
-      for (; p + 8 <= p1; p += 8) {
-        for (int k = 0; k < 8; ++k) {
+      for (; p + kPlaneLanes <= p1; p += kPlaneLanes) {
+#pragma GCC unroll 1
+        for (int64_t k = 0; k < kPlaneLanes; ++k) {
           auto [u, v] = pair(Load(a[base + p + k]), second_of(base + p + k), ctr);
           l1[k] += u;
           l2[k] += v;
@@ -84,7 +93,7 @@ void SumPairsImpl(ffi::ThreadPool& pool, const ImageShape& s, const T* __restric
         l2[0] += v;
       }
       double t1 = 0, t2 = 0;
-      for (int k = 0; k < 8; ++k) t1 += l1[k], t2 += l2[k];
+      for (int64_t k = 0; k < kPlaneLanes; ++k) t1 += l1[k], t2 += l2[k];
       out1[0] = t1, out2[0] = t2;
     }
   });
@@ -125,9 +134,9 @@ void AffineMap(ffi::ThreadPool& pool, const ImageShape& s, const T* __restrict__
                const AccOf<T>* cb, const AccOf<T>* cc) {
   const Units units(s);
   const int64_t pixels = s.pixels(), c = s.c;
-  ParallelFor(pool, units.count, [&](int64_t unit) {
+  ParallelForVectorized(pool, units.count, [&](int64_t unit) {
     const int64_t chunk = unit % units.chunks_per_plane;
-    const int64_t p0 = chunk * kPixelChunk, p1 = std::min(pixels, p0 + kPixelChunk);
+    const int64_t p0 = chunk * units.chunk, p1 = std::min(pixels, p0 + units.chunk);
     if (s.channels_last) {
       const int64_t n = unit / units.chunks_per_plane;
       const auto *a = ca + n * c, *b = cb + n * c, *k = cc + n * c;
