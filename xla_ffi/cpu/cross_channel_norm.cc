@@ -16,14 +16,14 @@ struct Params {
 
 // Window sums across channels stay O(1) per element whatever the window: work units are
 // (image, block of pixels) tiles, and
-// - channel-major tiles [C][pixels] (NCHW, or NHWC with windows over kShiftedMaxTaps) run a
-//   1-D running sum across channels that advances all pixels of the tile at once;
-// - pixel-major tiles [pixels][C] (NHWC, windows of up to kShiftedMaxTaps) sum shifted copies
-//   of each pixel's contiguous channel vector: no transposes, vectorised along channels.
+// - pixel-major tiles (NHWC, windows of up to kShiftedMaxTaps) are one contiguous run of
+//   pixels x C values: x and dy are read and y/dx written in place, and each window sum adds
+//   the taps of a pixel's channel vector (TapSums), vectorised along channels;
+// - channel-major tiles (NCHW, or NHWC with longer windows) are copied into [C][pixels] and run
+//   a 1-D running sum across channels that advances all pixels of the tile at once.
 // Tile sizes depend only on the shape and window, never on the thread count.
 constexpr int64_t kShiftedMaxTaps = 16;
 
-template <typename Acc>
 class ChannelTiles {
  public:
   ChannelTiles(const ImageShape& s, int64_t kernel_size)
@@ -34,6 +34,7 @@ class ChannelTiles {
     blocks_ = block_ > 0 ? (pixels + block_ - 1) / block_ : 0;
   }
 
+  bool pixel_major() const { return pixel_major_; }
   int64_t count() const { return s_.n * blocks_; }
   int64_t max_values() const { return block_ * s_.c; }
 
@@ -45,45 +46,18 @@ class ChannelTiles {
     return {n * s_.sn + first * s_.sw, std::min(block_, s_.pixels() - first)};
   }
 
-  template <typename T>
+  // Channel-major tiles only: copy in as [C][pixels], copy out, running window sums.
+  template <typename T, typename Acc>
   void Load(const T* image, const Tile& t, Acc* out) const {
-    if (pixel_major_) {
-      Gather(image + t.offset, t.pixels, s_.sw, s_.c, s_.sc, out);
-    } else {
-      Gather(image + t.offset, s_.c, s_.sc, t.pixels, s_.sw, out);
-    }
+    Gather(image + t.offset, s_.c, s_.sc, t.pixels, s_.sw, out);
   }
-  template <typename T>
+  template <typename T, typename Acc>
   void Store(T* image, const Tile& t, const Acc* in) const {
-    if (pixel_major_) {
-      Scatter(in, t.pixels, s_.sw, s_.c, s_.sc, image + t.offset);
-    } else {
-      Scatter(in, s_.c, s_.sc, t.pixels, s_.sw, image + t.offset);
-    }
+    Scatter(in, s_.c, s_.sc, t.pixels, s_.sw, image + t.offset);
   }
-
-  // out = window sums across channels of the tile values v; padded: C + kShiftedMaxTaps doubles.
-  void Sum(const Acc* v, double* out, const Tile& t, Window w, double* padded) const {
-    if (!pixel_major_) return WindowSum1D(v, out, s_.c, t.pixels, w);
-    w = w.ClippedTo(s_.c);
-    const int64_t c = s_.c, taps = w.size();
-    std::fill(padded, padded + c + taps, 0.0);
-    WithConstant<kShiftedMaxTaps>(taps, [&](auto taps_constant) {
-      constexpr int kTaps = decltype(taps_constant)::value;
-      for (int64_t p = 0; p < t.pixels; ++p) {
-        const Acc* vp = v + p * c;
-        double* op = out + p * c;
-        for (int64_t j = 0; j < c; ++j) padded[w.lo + j] = double(vp[j]);
-        // One pass, the taps unrolled in registers (tap order kept: the same sums as adding
-        // shifted copies pass by pass, which spent its time loading and storing op).
-        for (int64_t j = 0; j < c; ++j) {
-          double sum = 0.0;
-#pragma GCC unroll 16
-          for (int tap = 0; tap < kTaps; ++tap) sum += padded[j + tap];
-          op[j] = sum;
-        }
-      }
-    });
+  template <typename Acc>
+  void Sum(const Acc* v, double* out, const Tile& t, Window w) const {
+    WindowSum1D(v, out, s_.c, t.pixels, w);
   }
 
  private:
@@ -98,14 +72,51 @@ std::unique_ptr<V[]> Scratch(int64_t m) {
   return std::make_unique_for_overwrite<V[]>(size_t(m));
 }
 
-// L = delta + alpha/N * s from window sums s of X^2, then L^-beta into tb; t keeps L, or with
-// `next` (the gradient) becomes L^(-beta-1).
+// Window sums across the C contiguous channels of each pixel, for pixel-major tiles: a pixel's
+// values go into a zero-padded row and each output adds the window's taps in one pass, unrolled
+// at compile time (channel order kept). The sums are in the accumulation type: at most 16
+// terms, none subtracted (the running sums, which subtract, are the ones kept in double).
 template <typename Acc>
-void Denominator(const Params& p, const NegPow& neg_pow, const double* s, Acc* t, Acc* tb,
-                 int64_t m, bool next = false) {
-  const double scale = p.alpha / double(p.kernel_size);
+class TapSums {
+ public:
+  TapSums(int64_t c, Window w)
+      : c_(c), w_(w.ClippedTo(c)), padded_(Scratch<Acc>(c + kShiftedMaxTaps)) {
+    std::fill(padded_.get(), padded_.get() + c + kShiftedMaxTaps, Acc(0));
+  }
+
+  // out[p*C + j] = the window sum over channels of value(p*C + j') for pixels p < pixels.
+  template <typename Value>
+  void operator()(int64_t pixels, Value value, Acc* __restrict__ out) {
+    Acc* __restrict__ padded = padded_.get();
+    WithConstant<kShiftedMaxTaps>(w_.size(), [&](auto taps_constant) {
+      constexpr int kTaps = decltype(taps_constant)::value;
+      for (int64_t p = 0; p < pixels; ++p) {
+        for (int64_t j = 0; j < c_; ++j) padded[w_.lo + j] = value(p * c_ + j);
+        Acc* op = out + p * c_;
+        for (int64_t j = 0; j < c_; ++j) {
+          Acc sum = Acc(0);
+#pragma GCC unroll 16
+          for (int tap = 0; tap < kTaps; ++tap) sum += padded[j + tap];
+          op[j] = sum;
+        }
+      }
+    });
+  }
+
+ private:
+  int64_t c_;
+  Window w_;
+  std::unique_ptr<Acc[]> padded_;
+};
+
+// L = delta + alpha/N * s from window sums s of X^2 (s may alias t), then L^-beta into tb; t
+// keeps L, or with `next` (the gradient) becomes L^(-beta-1).
+template <typename Acc, typename S>
+void Denominator(const Params& p, const NegPow& neg_pow, const S* s, Acc* t, Acc* tb, int64_t m,
+                 bool next = false) {
+  const S scale = S(p.alpha / double(p.kernel_size)), delta = S(p.delta);
 #pragma GCC ivdep
-  for (int64_t j = 0; j < m; ++j) t[j] = Acc(p.delta + scale * s[j]);
+  for (int64_t j = 0; j < m; ++j) t[j] = Acc(delta + scale * s[j]);
   neg_pow(t, tb, m, next ? t : nullptr);
 }
 
@@ -123,16 +134,31 @@ ffi::Error Forward(ffi::ThreadPool pool, int64_t kernel_size, double alpha, doub
     const T* xs = reinterpret_cast<const T*>(x.untyped_data());
     T* ys = reinterpret_cast<T*>(y->untyped_data());
     const NegPow neg_pow(beta);
-    const ChannelTiles<Acc> tiles(s, kernel_size);
+    const ChannelTiles tiles(s, kernel_size);
+    const Window window = Window::Forward(kernel_size);
+    if (tiles.pixel_major()) {
+      ParallelForVectorized(pool, tiles.count(), [&](int64_t i) {
+        const auto tile = tiles[i];
+        const int64_t m = s.c * tile.pixels;
+        const T* __restrict__ xp = xs + tile.offset;
+        T* __restrict__ yp = ys + tile.offset;
+        auto t = Scratch<Acc>(m);
+        TapSums<Acc> sums(s.c, window);
+        sums(tile.pixels, [&](int64_t k) { const Acc v = Load(xp[k]); return v * v; }, t.get());
+        Denominator(p, neg_pow, t.get(), t.get(), t.get(), m);
+        for (int64_t k = 0; k < m; ++k) Store(yp + k, Load(xp[k]) * t[k]);
+      });
+      return ffi::Error::Success();
+    }
     ParallelForVectorized(pool, tiles.count(), [&](int64_t i) {
       const auto tile = tiles[i];
       const int64_t capacity = tiles.max_values(), m = s.c * tile.pixels;
       auto xt = Scratch<Acc>(capacity), t = Scratch<Acc>(capacity);
-      auto sums = Scratch<double>(capacity), padded = Scratch<double>(s.c + kShiftedMaxTaps);
+      auto sums = Scratch<double>(capacity);
       tiles.Load(xs, tile, xt.get());
 #pragma GCC ivdep
       for (int64_t j = 0; j < m; ++j) t[j] = xt[j] * xt[j];
-      tiles.Sum(t.get(), sums.get(), tile, Window::Forward(kernel_size), padded.get());
+      tiles.Sum(t.get(), sums.get(), tile, window);
       Denominator(p, neg_pow, sums.get(), t.get(), t.get(), m);
 #pragma GCC ivdep
       for (int64_t j = 0; j < m; ++j) t[j] *= xt[j];
@@ -159,26 +185,48 @@ ffi::Error Gradient(ffi::ThreadPool pool, int64_t kernel_size, double alpha, dou
     T* dxs = reinterpret_cast<T*>(dx->untyped_data());
     const NegPow neg_pow(beta);
     const double coef = 2.0 * alpha * beta / double(kernel_size);
-    const ChannelTiles<Acc> tiles(s, kernel_size);
+    const ChannelTiles tiles(s, kernel_size);
+    const Window forward = Window::Forward(kernel_size), adjoint = Window::Adjoint(kernel_size);
+    if (tiles.pixel_major()) {
+      ParallelForVectorized(pool, tiles.count(), [&](int64_t i) {
+        const auto tile = tiles[i];
+        const int64_t m = s.c * tile.pixels;
+        const T* __restrict__ xp = xs + tile.offset;
+        const T* __restrict__ gp = gs + tile.offset;
+        T* __restrict__ dxp = dxs + tile.offset;
+        auto t = Scratch<Acc>(m), tb = Scratch<Acc>(m), inner = Scratch<Acc>(m);
+        TapSums<Acc> forward_sums(s.c, forward), adjoint_sums(s.c, adjoint);
+        forward_sums(tile.pixels, [&](int64_t k) { const Acc v = Load(xp[k]); return v * v; },
+                     t.get());
+        Denominator(p, neg_pow, t.get(), t.get(), tb.get(), m, /*next=*/true);
+        // t: L^(-beta-1), tb: L^-beta.
+#pragma GCC ivdep
+        for (int64_t k = 0; k < m; ++k) inner[k] = Load(gp[k]) * Load(xp[k]) * t[k];
+        adjoint_sums(tile.pixels, [&](int64_t k) { return inner[k]; }, t.get());
+        const Acc c = Acc(coef);
+        for (int64_t k = 0; k < m; ++k)
+          Store(dxp + k, Load(gp[k]) * tb[k] - c * t[k] * Load(xp[k]));
+      });
+      return ffi::Error::Success();
+    }
     ParallelForVectorized(pool, tiles.count(), [&](int64_t i) {
       const auto tile = tiles[i];
       const int64_t capacity = tiles.max_values(), m = s.c * tile.pixels;
       auto xt = Scratch<Acc>(capacity), g = Scratch<Acc>(capacity);
       auto inner = Scratch<Acc>(capacity), t = Scratch<Acc>(capacity);
       auto tb = Scratch<Acc>(capacity), sums = Scratch<double>(capacity);
-      auto padded = Scratch<double>(s.c + kShiftedMaxTaps);
       tiles.Load(xs, tile, xt.get());
       tiles.Load(gs, tile, g.get());
 #pragma GCC ivdep
       for (int64_t j = 0; j < m; ++j) inner[j] = xt[j] * xt[j];
-      tiles.Sum(inner.get(), sums.get(), tile, Window::Forward(kernel_size), padded.get());
+      tiles.Sum(inner.get(), sums.get(), tile, forward);
       Denominator(p, neg_pow, sums.get(), t.get(), tb.get(), m, /*next=*/true);
 #pragma GCC ivdep
       for (int64_t j = 0; j < m; ++j) {
         inner[j] = g[j] * xt[j] * t[j];  // t: L^(-beta-1)
         g[j] *= tb[j];                   // now g L^-beta
       }
-      tiles.Sum(inner.get(), sums.get(), tile, Window::Adjoint(kernel_size), padded.get());
+      tiles.Sum(inner.get(), sums.get(), tile, adjoint);
 #pragma GCC ivdep
       for (int64_t j = 0; j < m; ++j) t[j] = g[j] - Acc(coef * sums[j]) * xt[j];
       tiles.Store(dxs, tile, t.get());
