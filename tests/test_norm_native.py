@@ -72,6 +72,19 @@ def test_window_ops_over_channel_blocks(op, shape, channels_last):
     _compare(op, x, channels_last, (3, 4), "float32", scale=2.0)
 
 
+# Cross-channel norm CPU tiles (xla_ffi/cpu/cross_channel_norm.cc): NHWC windows of up to 16
+# taps are summed per pixel in place, longer ones (and NCHW) by running sums over copied tiles;
+# both sides of that boundary, and a window wider than the channels.
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("kernel_size", [1, 2, 5, 16, 17, 41])
+def test_cross_channel_windows_on_both_tile_paths(x64, kernel_size, channels_last):
+    x = _image((2, 3, 5, 40), "float64", channels_last, seed=7)
+    _compare("cross_channel_norm", x, channels_last, (kernel_size, kernel_size), "float64")
+    x32 = _image((2, 3, 5, 40), "float32", channels_last, seed=7)
+    _compare("cross_channel_norm", x32, channels_last, (kernel_size, kernel_size), "float32",
+             scale=2.0)
+
+
 # Instance/batch statistics units (xla_ffi/cpu/channel_sweep.h): NHWC chunks of 128 pixels,
 # NCHW chunks of 2048 read 16 lanes at a time. 2350 pixels = several chunks with a ragged last
 # one and a ragged lane tail; the offset makes a dropped or doubled chunk move the mean.
