@@ -98,6 +98,29 @@ def test_clusters_only_on_hopper(device):
             assert _plan(shape, True, dtype, gradient) == (CHUNKED, 1)
 
 
+def _vector(nhwc, channels_last, dtype, gradient, per_image=True):
+    n, h, w, c = nhwc
+    return _lib().jaxmps_cuda_stats_vector(
+        ctypes.c_int64(n), ctypes.c_int64(h), ctypes.c_int64(w), ctypes.c_int64(c),
+        int(channels_last), int(per_image), jnp.dtype(dtype).itemsize, int(gradient))
+
+
+def test_nchw_on_chip_vectors_hold_at_most_four(device):
+    """NCHW planes on chip take vectors of at most 4 elements, even for 2-byte types whose
+    16-byte vectors hold 8 (PlanStats: 8 slots cost registers and reductions, not bytes);
+    NHWC keeps 16-byte vectors. Each plan is run against the reference."""
+    device(H100)
+    for dtype, nhwc_vector in (("bfloat16", 8), ("float16", 8), ("float32", 4)):
+        for per_image, op in ((True, "instance_norm"), (False, "batch_norm")):
+            for gradient in (False, True):
+                assert _plan((4, 16, 16, 6), False, dtype, gradient, per_image)[0] in (FUSED,
+                                                                                      CLUSTER)
+                assert _vector((4, 16, 16, 6), False, dtype, gradient, per_image) == 4
+                assert _vector((4, 16, 16, 64), True, dtype, gradient, per_image) == nhwc_vector
+            x = _image((4, 16, 16, 6), dtype, False, seed=8)
+            _compare(op, x, False, (3, 3), dtype, scale=2.0 if dtype == "float32" else 1.0)
+
+
 def _outputs(op, x, channels_last):
     return [np.asarray(o) for kernel, args, params in kernel_calls(op, x, channels_last)
             for o in _run(kernel, args, params)]

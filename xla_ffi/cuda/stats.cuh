@@ -797,6 +797,13 @@ StatsPlan PlanStats(const ImageShape& s, bool per_image, int arrays, int max_vec
     p.slice_groups = p.on_chip() ? p.groups : SliceGroups(p, sizeof(T), limits);
     return p;
   };
+  // NCHW on chip: at most 4 slots per vector. Every slot of a thread's vector holds the same
+  // channel, yet each is reduced and carries its own coefficients: 8-slot vectors (the 2-byte
+  // types) compile to 62-74 registers against 48 for 4 slots (sm_90 ptxas -v; 3 fused-gradient
+  // CTAs per SM instead of 5) and reduce twice as many values, for the same bytes per CTA. On
+  // the H200 the 8-slot bfloat16 NCHW instance-norm gradient ran 2.5x slower than float32's
+  // 4-slot one over twice the bytes (RESULTS.md; the cap is not yet re-measured there).
+  const int max_on_chip_vec = s.channels_last ? max_vec : std::min(max_vec, 4);
   auto max_lanes = [&](int vec) -> int {
     if (!s.channels_last) return 1;
     return int(std::min<int64_t>(32, CeilPow2(CeilDiv(s.c, vec))));
@@ -811,7 +818,7 @@ StatsPlan PlanStats(const ImageShape& s, bool per_image, int arrays, int max_vec
                        StatsPlan* out) {
     for (int64_t budget : {std::min(kFusedBudget, limits.max_smem_per_block),
                            limits.max_smem_per_block}) {
-      for (int vec = max_vec; vec >= 1; vec /= 2) {
+      for (int vec = max_on_chip_vec; vec >= 1; vec /= 2) {
         for (int lanes = max_lanes(vec); lanes >= 1; lanes /= 2) {
           if (s.channels_last && int64_t(lanes) * vec * int64_t(sizeof(T)) < min_row_bytes) break;
           for (int cluster : clusters) {

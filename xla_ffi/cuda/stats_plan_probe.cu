@@ -1,5 +1,5 @@
 // Test hooks of the CUDA libraries: jaxmps_cuda_stats_plan (the statistics path PlanStats
-// picks for an image shape on the current device) and jaxmps_cuda_stats_slices (its L2 slices).
+// picks for an image shape on the current device), its vector width and its L2 slices.
 #include "stats.cuh"
 
 namespace jaxmps::cuda {
@@ -57,4 +57,15 @@ extern "C" __attribute__((visibility("default"))) int64_t jaxmps_cuda_stats_slic
     return -1;
   }
   return p.on_chip() ? 0 : p.slices();
+}
+
+// The elements per vector (1, 2, 4 or 8) of that sweep's plan, -1 on error.
+extern "C" __attribute__((visibility("default"))) int jaxmps_cuda_stats_vector(
+    int64_t n, int64_t h, int64_t w, int64_t c, int channels_last, int per_image, int itemsize,
+    int gradient) {
+  jaxmps::cuda::StatsPlan p;
+  if (!jaxmps::cuda::ProbePlan(n, h, w, c, channels_last, per_image, itemsize, gradient, &p)) {
+    return -1;
+  }
+  return p.vec;
 }
