@@ -18,16 +18,22 @@ bool ProbePlan(const ImageShape& s, bool per_image, bool gradient, StatsPlan* ou
   return true;
 }
 
-bool ProbePlan(int64_t n, int64_t h, int64_t w, int64_t c, int channels_last, int per_image,
-               int itemsize, int gradient, StatsPlan* out) {
+// field(plan) of the plan for these arguments (see jaxmps_cuda_stats_plan), -1 when there is
+// none (the hooks' error value).
+template <typename F>
+auto ProbedField(int64_t n, int64_t h, int64_t w, int64_t c, int channels_last, int per_image,
+                 int itemsize, int gradient, F&& field) -> decltype(field(StatsPlan{})) {
   ImageShape s;
   s.n = n, s.h = h, s.w = w, s.c = c, s.channels_last = channels_last != 0;
+  StatsPlan p;
+  bool ok = false;
   switch (itemsize) {
-    case 2: return ProbePlan<__half>(s, per_image != 0, gradient != 0, out);
-    case 4: return ProbePlan<float>(s, per_image != 0, gradient != 0, out);
-    case 8: return ProbePlan<double>(s, per_image != 0, gradient != 0, out);
-    default: return false;
+    case 2: ok = ProbePlan<__half>(s, per_image != 0, gradient != 0, &p); break;
+    case 4: ok = ProbePlan<float>(s, per_image != 0, gradient != 0, &p); break;
+    case 8: ok = ProbePlan<double>(s, per_image != 0, gradient != 0, &p); break;
+    default: break;
   }
+  return ok ? field(p) : decltype(field(p))(-1);
 }
 
 }  // namespace
@@ -40,32 +46,27 @@ bool ProbePlan(int64_t n, int64_t h, int64_t w, int64_t c, int channels_last, in
 extern "C" __attribute__((visibility("default"))) int jaxmps_cuda_stats_plan(
     int64_t n, int64_t h, int64_t w, int64_t c, int channels_last, int per_image, int itemsize,
     int gradient, int* cluster) {
-  jaxmps::cuda::StatsPlan p;
-  if (!jaxmps::cuda::ProbePlan(n, h, w, c, channels_last, per_image, itemsize, gradient, &p)) {
-    return -1;
-  }
-  *cluster = p.path == jaxmps::cuda::StatsPath::kResident ? int(p.chunks) : p.cluster;
-  return int(p.path);
+  using jaxmps::cuda::StatsPath, jaxmps::cuda::StatsPlan;
+  return jaxmps::cuda::ProbedField(
+      n, h, w, c, channels_last, per_image, itemsize, gradient, [&](const StatsPlan& p) {
+        *cluster = p.path == StatsPath::kResident ? int(p.chunks) : p.cluster;
+        return int(p.path);
+      });
 }
 
 // The number of L2 slices of that sweep when it is chunked, 0 when it runs on chip, -1 on error.
 extern "C" __attribute__((visibility("default"))) int64_t jaxmps_cuda_stats_slices(
     int64_t n, int64_t h, int64_t w, int64_t c, int channels_last, int per_image, int itemsize,
     int gradient) {
-  jaxmps::cuda::StatsPlan p;
-  if (!jaxmps::cuda::ProbePlan(n, h, w, c, channels_last, per_image, itemsize, gradient, &p)) {
-    return -1;
-  }
-  return p.on_chip() ? 0 : p.slices();
+  return jaxmps::cuda::ProbedField(
+      n, h, w, c, channels_last, per_image, itemsize, gradient,
+      [](const jaxmps::cuda::StatsPlan& p) { return p.on_chip() ? int64_t(0) : p.slices(); });
 }
 
 // The elements per vector (1, 2, 4 or 8) of that sweep's plan, -1 on error.
 extern "C" __attribute__((visibility("default"))) int jaxmps_cuda_stats_vector(
     int64_t n, int64_t h, int64_t w, int64_t c, int channels_last, int per_image, int itemsize,
     int gradient) {
-  jaxmps::cuda::StatsPlan p;
-  if (!jaxmps::cuda::ProbePlan(n, h, w, c, channels_last, per_image, itemsize, gradient, &p)) {
-    return -1;
-  }
-  return p.vec;
+  return jaxmps::cuda::ProbedField(n, h, w, c, channels_last, per_image, itemsize, gradient,
+                                   [](const jaxmps::cuda::StatsPlan& p) { return p.vec; });
 }
