@@ -31,8 +31,10 @@ def _image(shape, dtype, channels_last, seed=0):
     return x if channels_last else jnp.transpose(x, (0, 3, 1, 2))
 
 
-def _compare(op, x, channels_last, window, dtype, scale=1.0):
+def _compare(op, x, channels_last, window, dtype, scale=1.0, **overrides):
+    """Every kernel of `op` (settings() attributes, with `overrides`) against its reference."""
     for kernel, args, params in kernel_calls(op, x, channels_last, window):
+        params = {**params, **overrides}
         require_native(kernel, dtype)
         got = kernel.bind(*args, **params, implementation="native")
         expected = kernel.call_reference(*args, **params)
@@ -62,9 +64,12 @@ def test_window_grid(x64, op, window, channels_last):
 
 
 # Spatial-window units take 16 to 64 channels, fewer on wide rows (SpatialUnits in
-# xla_ffi/cpu/window_sum.h): several channel blocks with a ragged last one, at both widths.
+# xla_ffi/cpu/window_sum.h): several channel blocks with a ragged last one, at both widths;
+# and batches of 1- and 3-channel images, whose planes the units take across images
+# (PlanesAsChannels: 20 and 21 planes = a block of 16 and a ragged one spanning images).
 @pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
-@pytest.mark.parametrize("shape", [(2, 5, 7, 70), (1, 3, 1100, 20)],
+@pytest.mark.parametrize("shape", [(2, 5, 7, 70), (1, 3, 1100, 20), (20, 6, 7, 1),
+                                   (7, 5, 6, 3)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("op", WINDOW_OPS)
 def test_window_ops_over_channel_blocks(op, shape, channels_last):
@@ -83,6 +88,20 @@ def test_cross_channel_windows_on_both_tile_paths(x64, kernel_size, channels_las
     x32 = _image((2, 3, 5, 40), "float32", channels_last, seed=7)
     _compare("cross_channel_norm", x32, channels_last, (kernel_size, kernel_size), "float32",
              scale=2.0)
+
+
+# T^-beta (NegPow, xla_ffi/cpu/window_sum.h) by form: integer beta (and negative), quarter- and
+# half-integer (products of 1/T and its square roots), generic (exp/log), and past the largest
+# power the product forms take (8).
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 0.75, 1.0, 1.75, 2.5, 5.0, 7.75, 8.0, 8.25,
+                                  0.6, -1.0, -0.75])
+@pytest.mark.parametrize("op", WINDOW_OPS)
+def test_window_ops_over_beta_forms(x64, op, beta):
+    # delta 1.5 keeps T^-8 and its gradient well conditioned in float32 (LCN's default 0.25
+    # with beta 8 amplifies the reference's own float32 rounding past the tolerance).
+    for dtype, scale in (("float64", 1.0), ("float32", 2.0)):
+        x = _image((2, 5, 6, 20), dtype, True, seed=9)
+        _compare(op, x, True, (3, 3), dtype, scale=scale, beta=beta, delta=1.5)
 
 
 # Instance/batch statistics units (xla_ffi/cpu/channel_sweep.h): NHWC chunks of 128 pixels,

@@ -73,6 +73,7 @@ ffi::Error Forward(ffi::ThreadPool pool, int64_t kernel_h, int64_t kernel_w, dou
   ImageShape s;
   JAXMPS_RETURN_IF_ERROR(ReadImageShape(kOp, "x", x, channels_last != 0, &s));
   JAXMPS_RETURN_IF_ERROR(CheckParams(p));
+  s = PlanesAsChannels(s);
   return DispatchFloat(kOp, "x", x.element_type(), {}, [&](auto tag) {
     using T = typename Types<decltype(tag)>::T;
     using Acc = typename Types<decltype(tag)>::Acc;
@@ -110,6 +111,7 @@ ffi::Error Gradient(ffi::ThreadPool pool, int64_t kernel_h, int64_t kernel_w, do
   JAXMPS_RETURN_IF_ERROR(ReadImageShape(kOp, "x", x, channels_last != 0, &s));
   JAXMPS_RETURN_IF_ERROR(CheckSameAs(kOp, "dy", dy, "x", x));
   JAXMPS_RETURN_IF_ERROR(CheckParams(p));
+  s = PlanesAsChannels(s);
   return DispatchFloat(kOp, "x", x.element_type(), {}, [&](auto tag) {
     using T = typename Types<decltype(tag)>::T;
     using Acc = typename Types<decltype(tag)>::Acc;
