@@ -439,14 +439,12 @@ class NegPow {
               // + 0 maps t = -0 to +0, so r = +inf as pow(-0, -beta) = +inf requires.
               for (int64_t i = 0; i < m; ++i) r[i] = V(1) / (t[i0 + i] + V(0));
               SquareRoots(r, o, m);  // r^(1/2)
-              if (quarters_ != 2) {  // r^(1/4), times r^(1/2) for 3/4
+              if (quarters_ == 1) {
+                SquareRoots(o, o, m);  // r^(1/4)
+              } else if (quarters_ == 3) {  // r^(1/2) r^(1/4)
                 V q[kChunk];
                 SquareRoots(o, q, m);
-                if (quarters_ == 1) {
-                  for (int64_t i = 0; i < m; ++i) o[i] = q[i];
-                } else {
-                  for (int64_t i = 0; i < m; ++i) o[i] *= q[i];
-                }
+                for (int64_t i = 0; i < m; ++i) o[i] *= q[i];
               }
               for (int64_t i = 0; i < m; ++i) o[i] *= Power<p>(r[i]);
             }
@@ -475,8 +473,9 @@ class NegPow {
     for (int64_t i = 0; i < n; ++i) next[i] = out[i] / t[i];
   }
 
-  // out = sqrt(in) (NaN for in < 0). Spelled with SSE intrinsics on x86: std::sqrt must set
-  // errno for negative input (no -fno-math-errno here), which keeps its loops scalar.
+  // out = sqrt(in) (NaN for in < 0); out may alias in. Spelled with SSE intrinsics on x86:
+  // std::sqrt must set errno for negative input (no -fno-math-errno here), which keeps its
+  // loops scalar.
   template <typename V>
   static void SquareRoots(const V* in, V* out, int64_t n) {
     int64_t i = 0;
