@@ -13,7 +13,11 @@
 #            tests build + self-check + whole test suite
 #            bench build + benchmark
 #            quick build + self-check + native-kernel tests + NHWC normalization benchmark
-# Writes: env.txt, build.log (tail), selfcheck.json, pytest.log, bench.json, bench.log.
+#            sweep build + spatial/local-contrast benchmark (BENCH_LAYOUTS, no PyTorch) once
+#                  per rows-in-flight setting of the streaming window kernels: the planner's
+#                  own (auto) and JAXMPS_CUDA_STREAM_DEPTH in SWEEP_DEPTHS (default 1 2 4 8)
+# Writes: env.txt, build.log (tail), selfcheck.json, pytest.log, bench.json, bench.log
+# (sweep: sweep_depth_<setting>.json/.log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-benchmarks/gpu}" && cd "${1:-benchmarks/gpu}" && pwd)
@@ -52,7 +56,7 @@ fi
 # The source checkout shadows the installed package; ffi.py finds the installed libraries.
 "$PY" -c "import jaxmps; print(jaxmps.backends())" 2>&1 | tail -3 | tee -a "$OUT/env.txt"
 
-if [ "$MODE" != bench ]; then
+if [ "$MODE" != bench ] && [ "$MODE" != sweep ]; then
   step "self-check (python -m jaxmps --json)"
   "$PY" -m jaxmps --json > "$OUT/selfcheck.json" 2> "$OUT/selfcheck.err" || status=1
   tail -c 300 "$OUT/selfcheck.json"; echo
@@ -70,7 +74,18 @@ if [ "$MODE" != bench ]; then
   unset JAXMPS_REQUIRE_NATIVE
 fi
 
-if [ "$MODE" != tests ]; then
+if [ "$MODE" = sweep ]; then
+  for depth in auto ${SWEEP_DEPTHS:-1 2 4 8}; do
+    step "window norms, rows in flight per thread: $depth"
+    # shellcheck disable=SC2086
+    ( [ "$depth" = auto ] || export JAXMPS_CUDA_STREAM_DEPTH="$depth"
+      PYTHONPATH="$PWD" "$PY" scripts/gpu_bench.py --family norm --no-torch \
+        --ops spatial_norm local_contrast_norm --layouts ${BENCH_LAYOUTS:-NHWC NCHW} \
+        --repeats ${BENCH_REPEATS:-10} --json "$OUT/sweep_depth_$depth.json" \
+        > "$OUT/sweep_depth_$depth.log" 2>&1 ) || status=1
+    sed -n '/^all cases/,$p' "$OUT/sweep_depth_$depth.log"
+  done
+elif [ "$MODE" != tests ]; then
   step "benchmark"
   # scripts/gpu_bench.py: python -m jaxmps.bench with pipelined timing (see its docstring).
   BENCH="--family all --layouts ${BENCH_LAYOUTS:-NHWC NCHW}"

@@ -114,6 +114,19 @@ def test_streaming_window_kernel(op, window, channels_last, dtype):
     _compare(op, x, channels_last, window, dtype, scale=2.0)
 
 
+@pytest.mark.parametrize("depth", ["1", "3", "8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+def test_streaming_window_rows_in_flight(monkeypatch, depth, channels_last, dtype):
+    """The streaming kernels read rows ahead through a shared-memory ring of cp.async copies,
+    `depth` rows in flight (JAXMPS_CUDA_STREAM_DEPTH; 2-byte scalars, here bfloat16 NCHW, use
+    a register ring instead). The emulator lands a copy only when a wait lets it, so a slot read
+    before its copy was waited for, or refilled while still needed, gives wrong values."""
+    monkeypatch.setenv("JAXMPS_CUDA_STREAM_DEPTH", depth)
+    x = _image((1, 40, 23, 8), dtype, channels_last, seed=7)
+    _compare("local_contrast_norm", x, channels_last, (5, 3), dtype, scale=2.0)
+
+
 @pytest.mark.parametrize("op", ["spatial_norm", "local_contrast_norm"])
 def test_streaming_window_nan_stays_in_its_windows(op):
     """A NaN reaches exactly the outputs whose windows (forward, and adjoint for dx) cover it."""

@@ -134,6 +134,95 @@ __device__ __forceinline__ void StoreVec(T* p, const Vec<T, V>& value) {
   *reinterpret_cast<R*>(p) = raw;
 }
 
+// ---- asynchronous global -> shared copies (sm_80+ cp.async) ----------------------------------
+// CopyToSharedAsync starts a copy of one vector into shared memory without staging it in
+// registers, so a thread can have many in flight. CommitCopiesToShared closes a group of the
+// copies started since the last commit; WaitCopiesToShared(n) waits until at most the newest n
+// groups are still in flight, WaitAllCopiesToShared for every copy. A thread may then read what
+// it copied itself with no barrier. Vectors of 2 bytes copy synchronously (cp.async moves 4, 8
+// or 16). The emulator lands each group only when a wait allows it (cuda_emu.h), so reading a
+// copy too early reads stale memory there as it can on a GPU.
+// kEvictFirst marks the source lines evict-first in L2: for data never re-read from global
+// memory, which should not take L2 space from data that is.
+enum class L2Policy { kNormal, kEvictFirst };
+
+template <L2Policy kPolicy, typename T, int V>
+__device__ __forceinline__ void CopyToSharedAsync(Vec<T, V>* dst, const T* src) {
+  constexpr int kBytes = int(sizeof(T)) * V;
+#ifdef JAXMPS_CUDA_EMU
+  if constexpr (kBytes >= 4) {
+    emu::CopyAsync(dst, src, kBytes);
+    return;
+  }
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (kBytes >= 4) {
+    const unsigned d = unsigned(__cvta_generic_to_shared(dst));
+    // .cg (L2 only) for whole 16-byte vectors, .ca (which also allows L1) for narrower ones:
+    // .cg takes only 16.
+    if constexpr (kPolicy == L2Policy::kEvictFirst && kBytes == 16) {
+      asm volatile(
+          "{\n.reg .b64 pol;\n"
+          "createpolicy.fractional.L2::evict_first.b64 pol, 1.0;\n"
+          "cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, pol;\n}\n" ::"r"(d),
+          "l"(src)
+          : "memory");
+    } else if constexpr (kPolicy == L2Policy::kEvictFirst) {
+      asm volatile(
+          "{\n.reg .b64 pol;\n"
+          "createpolicy.fractional.L2::evict_first.b64 pol, 1.0;\n"
+          "cp.async.ca.shared.global.L2::cache_hint [%0], [%1], %2, pol;\n}\n" ::"r"(d),
+          "l"(src), "n"(kBytes)
+          : "memory");
+    } else if constexpr (kBytes == 16) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+    } else {
+      asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(d), "l"(src),
+                   "n"(kBytes)
+                   : "memory");
+    }
+    return;
+  }
+#endif
+  *dst = LoadVec<T, V>(src);
+}
+
+__device__ __forceinline__ void CommitCopiesToShared() {
+#ifdef JAXMPS_CUDA_EMU
+  emu::CommitCopies();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// `newest_pending` is a runtime value (the wait takes an immediate): 0..7, larger ones wait
+// as 7 would (more than needed, never less).
+__device__ __forceinline__ void WaitCopiesToShared(int newest_pending) {
+#ifdef JAXMPS_CUDA_EMU
+  emu::WaitCopies(min(newest_pending, 7));
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  switch (newest_pending) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
+    case 5: asm volatile("cp.async.wait_group 5;\n" ::: "memory"); break;
+    case 6: asm volatile("cp.async.wait_group 6;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 7;\n" ::: "memory"); break;
+  }
+#else
+  (void)newest_pending;
+#endif
+}
+
+__device__ __forceinline__ void WaitAllCopiesToShared() {
+#ifdef JAXMPS_CUDA_EMU
+  emu::WaitAllCopies();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 // The widest vector (in elements, at most 16 bytes) whose width divides `extent` and whose
 // accesses stay aligned at every listed base pointer.
 template <typename T>

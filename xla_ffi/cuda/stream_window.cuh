@@ -14,12 +14,13 @@
 //   quantities Q of row r - (K-1)/2 as soon as row r is in, then the adjoint sums of Q for the
 //   output row K/2 further up, from a second register ring.
 // x (and dy) are read once plus the strip halos (neighbouring strips re-read them from L2);
-// y or dx is written once. Loads run kStreamAhead rows ahead of use so that misses overlap
-// (the CTAs are few per SM: their rows in flight are what keeps the memory system busy).
+// y or dx is written once. Loads run StreamPlan::depth rows ahead of use (RowPipe) so that
+// misses overlap (the CTAs are few per SM: their rows in flight keep the memory system busy).
 // Window placement follows KERNELS.md: S covers [c - k//2, c + (k-1)//2], S^T the mirror.
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "cuda_common.cuh"
 
@@ -39,6 +40,7 @@ struct StreamPlan {
   int out_cols = 1;               // output columns per CTA
   int col_halo = 0;               // columns left of the first output column
   int rows = 1;                   // output rows per CTA
+  int depth = 2;                  // rows in flight per thread (AsyncRowPipe)
   int64_t tiles_l = 1, tiles_b = 1, tiles_a = 1, blocks = 0;
   __host__ __device__ int threads() const { return te * ch; }
   // Index of (column b, lane l) in an exchange row, and the distance between columns: lanes
@@ -47,48 +49,148 @@ struct StreamPlan {
   __host__ __device__ int col_step() const { return lanes_fast ? ch : 1; }
 };
 
-constexpr int kStreamAhead = 2;
+// ---- rows read ahead -------------------------------------------------------------------------
+// A thread walking down its column must have several rows' loads in flight: with few CTAs per
+// SM, they are what keeps the memory system busy (Little's law: ~30-40 KB in flight per SM at
+// HBM3 bandwidth and latency). The first version kept two rows ahead in registers shifted down
+// one slot per row; the shift is a register move of the row loaded one step earlier, so every
+// row waited on the previous row's load (sm_90 SASS: the MOV carries that load's scoreboard
+// wait) and one row per thread was in flight, not two. The readers below never move a pending
+// value. Both deliver NR arrays in lockstep: at step s, row first[a] + s of array a (zero
+// outside the rows SetRows allows or when the thread's column is not live).
 
-// Global memory reads kStreamAhead rows ahead of their use: VW consecutive lanes per thread,
-// walking a pointer down the rows (32-bit row numbers: PlanStreamWindow caps dim[0]).
-template <typename T, typename A, int VW>
-struct RowReader {
+// Vectors of 4 or more bytes: cp.async copies into a per-thread ring of depth + 1 shared-memory
+// slots, `depth` rows in flight (runtime, StreamPlan::depth, at most kStreamMaxDepth). The ring
+// has one slot more than the rows in flight so that a slot is refilled a row after it was read.
+constexpr int kStreamMaxDepth = 8;
+
+// The readers' start: array a walks rows first[a] .. first[a] + count - 1 and reads those in
+// [max(lowest[a], 0), min(first[a] + count, rows)) (none past the walk: no wasted prefetch).
+template <typename T, int NR>
+__device__ __forceinline__ void SetRows(const T* (&next)[NR], int (&next_row)[NR],
+                                        int (&lo)[NR], int (&hi)[NR], int64_t row_stride,
+                                        const T* const (&base)[NR], const int (&first)[NR],
+                                        const int (&lowest)[NR], int count, int rows) {
+#pragma unroll
+  for (int a = 0; a < NR; ++a) {
+    next[a] = base[a] + int64_t(first[a]) * row_stride;
+    next_row[a] = first[a];
+    lo[a] = max(lowest[a], 0);
+    hi[a] = min(first[a] + count, rows);
+  }
+}
+
+template <typename T, typename A, int VW, int NR>
+struct AsyncRowPipe {
+  using TV = Vec<T, VW>;
   using AV = Vec<A, VW>;
-  const T* __restrict__ next;  // the row after the last one prefetched
+  TV* ring;  // slot i of array a at ring[(i * NR + a) * threads + thread]
+  int threads, depth, head, tail;
+  const T* next[NR];  // the next row to copy
+  int next_row[NR], lo[NR], hi[NR];
   int64_t row_stride;
-  int rows, next_row;
   bool live;
-  AV ahead[kStreamAhead];
-  __device__ AV Read() {
-    AV v;
-    if (live && next_row >= 0 && next_row < rows) {
-      const Vec<T, VW> raw = LoadVec<T, VW>(next);
+
+  __device__ void Init(unsigned char* shared, int threads_, int depth_, int64_t stride,
+                       bool live_) {
+    ring = reinterpret_cast<TV*>(shared);
+    threads = threads_, depth = depth_, row_stride = stride, live = live_;
+  }
+  __device__ TV& Slot(int i, int a) { return ring[(i * NR + a) * threads + int(threadIdx.x)]; }
+  __device__ void Issue() {
 #pragma unroll
-      for (int e = 0; e < VW; ++e) v.v[e] = ToAcc(raw.v[e]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < VW; ++e) v.v[e] = A(0);
+    for (int a = 0; a < NR; ++a) {
+      if (live && next_row[a] >= lo[a] && next_row[a] < hi[a]) {
+        CopyToSharedAsync<L2Policy::kNormal, T, VW>(&Slot(tail, a), next[a]);
+      } else {
+        Slot(tail, a) = TV{};  // no copy to this slot is in flight: it was waited for
+      }
+      next[a] += row_stride;
+      ++next_row[a];
     }
-    next += row_stride;
-    ++next_row;
-    return v;
+    CommitCopiesToShared();  // one group per row, empty or not: the wait counts rows
+    tail = tail == depth ? 0 : tail + 1;
   }
-  // Starts the walk at row r0 of the column whose row 0 is at `base`.
-  __device__ void Start(const T* base, int r0) {
-    next = base + int64_t(r0) * row_stride;
-    next_row = r0;
-#pragma unroll
-    for (int i = 0; i < kStreamAhead; ++i) ahead[i] = Read();
+  __device__ void Start(const T* const (&base)[NR], const int (&first)[NR],
+                        const int (&lowest)[NR], int count, int rows) {
+    SetRows(next, next_row, lo, hi, row_stride, base, first, lowest, count, rows);
+    head = 0, tail = 0;
+    for (int i = 0; i < depth; ++i) Issue();
   }
-  // The next row in order; prefetches the one kStreamAhead rows further.
-  __device__ AV Next() {
-    const AV v = ahead[0];
+  // The next row of each array (`step` is unused: the ring index is runtime here).
+  __device__ void Next(int, AV (&out)[NR]) {
+    WaitCopiesToShared(depth - 1);  // the oldest of the `depth` rows in flight has landed
 #pragma unroll
-    for (int i = 0; i + 1 < kStreamAhead; ++i) ahead[i] = ahead[i + 1];
-    ahead[kStreamAhead - 1] = Read();
-    return v;
+    for (int a = 0; a < NR; ++a) {
+      const TV raw = Slot(head, a);
+#pragma unroll
+      for (int e = 0; e < VW; ++e) out[a].v[e] = ToAcc(raw.v[e]);
+    }
+    head = head == depth ? 0 : head + 1;
+    Issue();
   }
 };
+
+// 2-byte vectors (cp.async moves at least 4): a register ring of K raw rows, K the window
+// height, refilled in place. The kernels unroll their row loop by K, so `step` (the unrolled
+// index, s mod K) is a compile-time slot: no value ever moves between registers.
+template <typename T, typename A, int VW, int NR, int K>
+struct RegisterRowPipe {
+  using TV = Vec<T, VW>;
+  using AV = Vec<A, VW>;
+  TV ring[K][NR];
+  const T* next[NR];
+  int next_row[NR], lo[NR], hi[NR];
+  int64_t row_stride;
+  bool live;
+
+  __device__ void Init(unsigned char*, int, int, int64_t stride, bool live_) {
+    row_stride = stride, live = live_;
+  }
+  __device__ TV Read(int a) {
+    TV v{};
+    if (live && next_row[a] >= lo[a] && next_row[a] < hi[a]) v = LoadVec<T, VW>(next[a]);
+    next[a] += row_stride;
+    ++next_row[a];
+    return v;
+  }
+  __device__ void Start(const T* const (&base)[NR], const int (&first)[NR],
+                        const int (&lowest)[NR], int count, int rows) {
+    SetRows(next, next_row, lo, hi, row_stride, base, first, lowest, count, rows);
+#pragma unroll
+    for (int i = 0; i < K; ++i)
+#pragma unroll
+      for (int a = 0; a < NR; ++a) ring[i][a] = Read(a);
+  }
+  __device__ void Next(int step, AV (&out)[NR]) {
+#pragma unroll
+    for (int a = 0; a < NR; ++a) {
+#pragma unroll
+      for (int e = 0; e < VW; ++e) out[a].v[e] = ToAcc(ring[step][a].v[e]);
+      ring[step][a] = Read(a);
+    }
+  }
+};
+
+// Shared memory of a thread's rows in flight (AsyncRowPipe; none for RegisterRowPipe).
+inline int64_t RowPipeSharedBytes(int vector_bytes, int arrays, int depth, int threads) {
+  return vector_bytes >= 4 ? int64_t(depth + 1) * arrays * threads * vector_bytes : 0;
+}
+
+// Rows in flight per thread for AsyncRowPipe: enough for 64 bytes per thread (32-48 KB per SM
+// at the 2-3 CTAs of 256 threads the wide kernels run), 2 to kStreamMaxDepth. Not measured on
+// a GPU yet: JAXMPS_CUDA_STREAM_DEPTH=1..8 overrides it for benchmarking (KERNELS.md).
+inline int StreamDepth(int bytes_per_row) {
+  if (const char* knob = std::getenv("JAXMPS_CUDA_STREAM_DEPTH")) {
+    const int v = std::atoi(knob);
+    if (v >= 1 && v <= kStreamMaxDepth) return v;
+  }
+  return std::clamp(int(CeilDiv(64, bytes_per_row)), 2, kStreamMaxDepth);
+}
+
+template <typename T, typename A, int VW, int NR, int K>
+using RowPipe = std::conditional_t<(sizeof(T) * VW >= 4), AsyncRowPipe<T, A, VW, NR>,
+                                   RegisterRowPipe<T, A, VW, NR, K>>;
 
 // Window sums along A1 of the exchange planes for the window [b - lo, b - lo + k1).
 template <int NQ, typename A, int VW>
@@ -182,7 +284,10 @@ __global__ void __launch_bounds__(VW == 1 ? kStreamMaxThreads : kStreamWideThrea
   const int h0 = ta * p.rows, h1 = min(h0 + p.rows, rows);
   const int64_t row_stride = p.stride[0];
 
-  RowReader<T, A, VW> xr{nullptr, row_stride, rows, 0, live, {}};
+  constexpr int NR = kGrad ? 2 : 1;  // x, and dy for the gradient
+  RowPipe<T, A, VW, NR, K> pipe;
+  pipe.Init(reinterpret_cast<unsigned char*>(fx + 2 * (NF + (kGrad ? NGS : 0)) * plane), plane,
+            p.depth, row_stride, live);
   AV ring[K];  // x of the last K rows: row (r - i) in slot (j - i) mod K at unrolled step j
 #pragma unroll
   for (int i = 0; i < K; ++i)
@@ -192,14 +297,16 @@ __global__ void __launch_bounds__(VW == 1 ? kStreamMaxThreads : kStreamWideThrea
   if constexpr (!kGrad) {
     // Row r completes the window of output row r - (K-1)/2.
     const int r0 = h0 - K / 2, steps = (h1 - h0) + K - 1;
-    xr.Start(x + offset, r0);
+    pipe.Start({x + offset}, {r0}, {r0}, steps, rows);
     T* o = out + offset + int64_t(h0) * row_stride;
     for (int s0 = 0; s0 < steps; s0 += K) {
 #pragma unroll
       for (int j = 0; j < K; ++j) {
         const int s = s0 + j;
         if (s >= steps) break;  // uniform across the CTA
-        ring[j] = xr.Next();
+        AV in[NR];
+        pipe.Next(j, in);
+        ring[j] = in[0];
         if (s < K - 1) continue;
         AV f[NF];
         SumDown<Policy, K, VW>(pol, ring, j, f);
@@ -232,9 +339,10 @@ __global__ void __launch_bounds__(VW == 1 ? kStreamMaxThreads : kStreamWideThrea
     // the adjoint sums' zero padding) and dx of row h. Q lives on columns
     // [k1/2, te - (k1-1)/2), dx on the output columns.
     const int r0 = h0 - (K - 1), steps = (h1 - h0) + 2 * (K - 1) + 1;
-    RowReader<T, A, VW> gr{nullptr, row_stride, rows, 0, live, {}};
-    xr.Start(x + offset, r0);
-    gr.Start(dy + offset, r0 + K / 2);  // the first Q row: r0 + (K-1) - (K-1)/2
+    // dy row of step s: r0 + s - (K-1) + K/2, used from step K - 1 on (the first Q row,
+    // r0 + K/2): the rows before it are not read.
+    pipe.Start({x + offset, dy + offset}, {r0, r0 - (K - 1) + K / 2}, {r0, r0 + K / 2}, steps,
+               rows);
     const bool q_col = b >= p.k1 / 2 && b < p.te - (p.k1 - 1) / 2 && live;
     AV qring[NG][K];  // Q of the last K rows: the one of step s in slot s mod K
 #pragma unroll
@@ -250,11 +358,13 @@ __global__ void __launch_bounds__(VW == 1 ? kStreamMaxThreads : kStreamWideThrea
         const int s = s0 + j;
         if (s >= steps) break;  // uniform across the CTA
         const AV xo = ring[j];  // x of row r - K = h, about to leave the ring
-        ring[j] = xr.Next();
+        AV in[NR];
+        pipe.Next(j, in);
+        ring[j] = in[0];
         if (s < K - 1) continue;
         const bool emit = s >= 2 * K - 1;
         const int hq = r0 + s - (K - 1) / 2;
-        const AV g = gr.Next();
+        const AV& g = in[1];
         AV f[NF];
         SumDown<Policy, K, VW>(pol, ring, j, f);
         AV* const ex = fx + (s & 1) * NF * plane;
@@ -402,8 +512,12 @@ ffi::Error TryStreamWindow(std::string_view op, cudaStream_t stream, const int64
                                    1, limits.sm_count, &p)) {
       return ffi::Error::Success();
     }
-    const int64_t smem = 2 * int64_t(Policy::kF + (kGrad ? Policy::kGS : 0)) * p.threads() *
-                         vw * int64_t(sizeof(A));
+    const int arrays = kGrad ? 2 : 1;  // x, dy
+    p.depth = StreamDepth(arrays * vw * int(sizeof(T)));
+    const int64_t smem =
+        2 * int64_t(Policy::kF + (kGrad ? Policy::kGS : 0)) * p.threads() * vw *
+            int64_t(sizeof(A)) +
+        RowPipeSharedBytes(vw * int(sizeof(T)), arrays, p.depth, p.threads());
     if (smem > limits.max_smem_per_block) return ffi::Error::Success();
     *ran = true;
     const char* what = kGrad ? "the streaming window gradient kernel"

@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -137,6 +138,45 @@ T ShuffleDown(T v, unsigned delta, int width = 32) {
   return ShuffleFrom(v, [&](unsigned lane) {
     return lane % unsigned(width) + delta < unsigned(width) ? lane + delta : lane;
   });
+}
+
+// Asynchronous global -> shared copies (cp.async) as the hardware may perform them: late. A
+// copy's source bytes are taken when it is issued (the sources are read-only inputs), but
+// they reach shared memory only when a wait lets their group land, so a kernel that reads a
+// slot before waiting for it reads stale memory here too. Groups are per thread, as on the
+// GPU; copies issued after the last commit belong to no group yet (only WaitAll lands them).
+struct PendingCopy {
+  void* dst;
+  unsigned char bytes[16];
+  int size;
+};
+inline thread_local std::vector<std::vector<PendingCopy>> committed_copies;  // oldest first
+inline thread_local std::vector<PendingCopy> open_copies;
+
+inline void CopyAsync(void* dst, const void* src, int size) {
+  PendingCopy c{dst, {}, size};
+  std::memcpy(c.bytes, src, size_t(size));
+  open_copies.push_back(c);
+}
+inline void CommitCopies() {
+  committed_copies.push_back(std::move(open_copies));
+  open_copies.clear();
+}
+inline void Land(const std::vector<PendingCopy>& group) {
+  for (const PendingCopy& c : group) std::memcpy(c.dst, c.bytes, size_t(c.size));
+}
+// cp.async.wait_group n: lands the oldest groups until at most the newest n are pending.
+inline void WaitCopies(int newest_pending) {
+  const size_t keep = size_t(std::max(newest_pending, 0));
+  size_t landed = 0;
+  for (; committed_copies.size() - landed > keep; ++landed) Land(committed_copies[landed]);
+  committed_copies.erase(committed_copies.begin(), committed_copies.begin() + landed);
+}
+// cp.async.wait_all: every copy, committed or not.
+inline void WaitAllCopies() {
+  WaitCopies(0);
+  Land(open_copies);
+  open_copies.clear();
 }
 
 // Whether cooperative launches are refused (test hook jaxmps_cuda_emu_refuse_cooperative, as
