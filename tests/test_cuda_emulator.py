@@ -127,6 +127,14 @@ def test_streaming_window_rows_in_flight(monkeypatch, depth, channels_last, dtyp
     _compare("local_contrast_norm", x, channels_last, (5, 3), dtype, scale=2.0)
 
 
+@pytest.mark.parametrize("window", [(1, 3), (2, 1)], ids=str)
+def test_streaming_window_register_ring_short_windows(window):
+    """2-byte scalars (float16 NCHW) read ahead through a register ring of K rows, K the
+    window height: the shortest rings, K = 1 and 2."""
+    x = _image((1, 30, 19, 6), "float16", False, seed=8)
+    _compare("local_contrast_norm", x, False, window, "float16", scale=2.0)
+
+
 @pytest.mark.parametrize("op", ["spatial_norm", "local_contrast_norm"])
 def test_streaming_window_nan_stays_in_its_windows(op):
     """A NaN reaches exactly the outputs whose windows (forward, and adjoint for dx) cover it."""
