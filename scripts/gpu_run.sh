@@ -6,7 +6,8 @@
 # pytest and pytest-xdist (PyTorch optional, for the comparison columns). Nothing is downloaded:
 # the XLA FFI headers are vendored and pip runs with --no-index --no-build-isolation.
 #
-# Usage:  [BENCH_LAYOUTS="NHWC NCHW"] [JAXMPS_LIB_DIR=prebuilt] scripts/gpu_run.sh [OUT_DIR] [MODE]
+# Usage:  [BENCH_LAYOUTS="NHWC NCHW"] [BENCH_FAMILY=all|norm|conv] [JAXMPS_LIB_DIR=prebuilt]
+#         scripts/gpu_run.sh [OUT_DIR] [MODE]
 #   OUT_DIR  where logs and results go (default benchmarks/gpu)
 #   MODE     full  (default) build + self-check + whole test suite + benchmark (normalization
 #                  and convolution, float32 and bfloat16, the layouts in BENCH_LAYOUTS)
@@ -88,7 +89,7 @@ if [ "$MODE" = sweep ]; then
 elif [ "$MODE" != tests ]; then
   step "benchmark"
   # scripts/gpu_bench.py: python -m jaxmps.bench with pipelined timing (see its docstring).
-  BENCH="--family all --layouts ${BENCH_LAYOUTS:-NHWC NCHW}"
+  BENCH="--family ${BENCH_FAMILY:-all} --layouts ${BENCH_LAYOUTS:-NHWC NCHW}"
   [ "$MODE" = quick ] && BENCH="--family norm --layouts NHWC"
   # shellcheck disable=SC2086
   PYTHONPATH="$PWD" "$PY" scripts/gpu_bench.py $BENCH --repeats ${BENCH_REPEATS:-10} \
