@@ -114,6 +114,15 @@ def test_statistics_over_pixel_chunks(op, channels_last):
     _compare(op, x, channels_last, (3, 4), "float32", scale=2.0)
 
 
+# NHWC statistics sum one block of 16 channels at a time down a chunk's pixels: 40 channels =
+# two full blocks and a ragged one of 8; a per-channel offset makes a channel summed into the
+# wrong slot (or dropped) move its mean.
+@pytest.mark.parametrize("op", ["instance_norm", "batch_norm"])
+def test_statistics_over_channel_blocks(op):
+    x = _image((2, 9, 30, 40), "float32", True, seed=8) + jnp.linspace(-3.0, 3.0, 40)
+    _compare(op, x, True, (3, 4), "float32", scale=2.0)
+
+
 # Ops whose CPU work units run in compiled AVX-512 / AVX2 / baseline copies
 # (ParallelForVectorized in xla_ffi/cpu/parallel.h).
 VECTORIZED_OPS = (*WINDOW_OPS, "instance_norm", "batch_norm")

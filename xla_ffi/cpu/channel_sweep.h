@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -24,6 +25,18 @@ constexpr int64_t kPlaneChunk = kPixelChunk * kPlaneLanes;
 
 template <typename T>
 using AccOf = decltype(Load(std::declval<T>()));
+
+// Calls f(j0, width) for the NHWC channel blocks [j0, j0 + width) of a C-channel pixel: full
+// blocks with width = integral_constant<kPlaneLanes> (a compile-time trip count the loop
+// vectoriser turns into whole registers), then the ragged last block with a runtime width.
+template <typename F>
+void ForChannelBlocks(int64_t c, F&& f) {
+  int64_t j0 = 0;
+  for (; j0 + kPlaneLanes <= c; j0 += kPlaneLanes) {
+    f(j0, std::integral_constant<int64_t, kPlaneLanes>{});
+  }
+  if (j0 < c) f(j0, c - j0);
+}
 
 struct Units {
   int64_t chunk, chunks_per_plane, count;
@@ -57,18 +70,24 @@ void SumPairsImpl(ffi::ThreadPool& pool, const ImageShape& s, const T* __restric
     if (s.channels_last) {
       const int64_t n = unit / units.chunks_per_plane;
       const Acc* ctr = center + n * c;
-      std::vector<Acc> s1(c, Acc(0)), s2(c, Acc(0));
-      Acc* __restrict__ r1 = s1.data();
-      Acc* __restrict__ r2 = s2.data();
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t row = n * s.sn + p * c;
-        for (int64_t j = 0; j < c; ++j) {
-          auto [u, v] = pair(Load(a[row + j]), second_of(row + j), ctr[j]);
-          r1[j] += u;
-          r2[j] += v;
+      // One block of kPlaneLanes channels at a time down the unit's pixels, its sums in
+      // registers (a C-long accumulator array went through memory at every pixel: the pass ran
+      // 2x NCHW's). The unit's rows stay in L1 across blocks. Each channel still adds its
+      // pixels in order: the same sums, bit for bit.
+      ForChannelBlocks(c, [&](int64_t j0, auto width) {
+        const int64_t w = width;
+        Acc l1[kPlaneLanes] = {}, l2[kPlaneLanes] = {};
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t row = n * s.sn + p * c + j0;
+#pragma GCC unroll 1
+          for (int64_t k = 0; k < w; ++k) {
+            auto [u, v] = pair(Load(a[row + k]), second_of(row + k), ctr[j0 + k]);
+            l1[k] += u;
+            l2[k] += v;
+          }
         }
-      }
-      for (int64_t j = 0; j < c; ++j) out1[j] = r1[j], out2[j] = r2[j];
+        for (int64_t k = 0; k < w; ++k) out1[j0 + k] = l1[k], out2[j0 + k] = l2[k];
+      });
     } else {
       const int64_t plane = unit / units.chunks_per_plane;  // = n * C + c
       const int64_t base = plane * pixels;
