@@ -57,63 +57,76 @@ struct StreamPlan {
 // row waited on the previous row's load (sm_90 SASS: the MOV carries that load's scoreboard
 // wait) and one row per thread was in flight, not two. The readers below never move a pending
 // value. Both deliver NR arrays in lockstep: at step s, row first[a] + s of array a (zero
-// outside the rows SetRows allows or when the thread's column is not live).
+// outside the rows their RowWalk reads).
 
-// Vectors of 4 or more bytes: cp.async copies into a per-thread ring of depth + 1 shared-memory
-// slots, `depth` rows in flight (runtime, StreamPlan::depth, at most kStreamMaxDepth). The ring
-// has one slot more than the rows in flight so that a slot is refilled a row after it was read.
-constexpr int kStreamMaxDepth = 8;
-
-// The readers' start: array a walks rows first[a] .. first[a] + count - 1 and reads those in
-// [max(lowest[a], 0), min(first[a] + count, rows)) (none past the walk: no wasted prefetch).
+// The walk both readers share: array a steps through rows first[a] .. first[a] + count - 1
+// and reads those in [max(lowest[a], 0), min(first[a] + count, rows)) of a live column (none
+// past the walk: no wasted prefetch); the others read as zero.
 template <typename T, int NR>
-__device__ __forceinline__ void SetRows(const T* (&next)[NR], int (&next_row)[NR],
-                                        int (&lo)[NR], int (&hi)[NR], int64_t row_stride,
-                                        const T* const (&base)[NR], const int (&first)[NR],
-                                        const int (&lowest)[NR], int count, int rows) {
-#pragma unroll
-  for (int a = 0; a < NR; ++a) {
-    next[a] = base[a] + int64_t(first[a]) * row_stride;
-    next_row[a] = first[a];
-    lo[a] = max(lowest[a], 0);
-    hi[a] = min(first[a] + count, rows);
-  }
-}
-
-template <typename T, typename A, int VW, int NR>
-struct AsyncRowPipe {
-  using TV = Vec<T, VW>;
-  using AV = Vec<A, VW>;
-  TV* ring;  // slot i of array a at ring[(i * NR + a) * threads + thread]
-  int threads, depth, head, tail;
-  const T* next[NR];  // the next row to copy
+struct RowWalk {
+  const T* next[NR];  // the next row of each array
   int next_row[NR], lo[NR], hi[NR];
   int64_t row_stride;
   bool live;
 
+  __device__ void Begin(const T* const (&base)[NR], const int (&first)[NR],
+                        const int (&lowest)[NR], int count, int rows) {
+#pragma unroll
+    for (int a = 0; a < NR; ++a) {
+      next[a] = base[a] + int64_t(first[a]) * row_stride;
+      next_row[a] = first[a];
+      lo[a] = max(lowest[a], 0);
+      hi[a] = min(first[a] + count, rows);
+    }
+  }
+  __device__ bool Wanted(int a) const {
+    return live && next_row[a] >= lo[a] && next_row[a] < hi[a];
+  }
+  __device__ void Advance(int a) {
+    next[a] += row_stride;
+    ++next_row[a];
+  }
+};
+
+// The narrowest vector cp.async copies: narrower ones (2-byte scalars) use RegisterRowPipe.
+constexpr int kAsyncCopyMinBytes = 4;
+
+// Vectors of kAsyncCopyMinBytes or more: cp.async copies into a per-thread ring of depth + 1
+// shared-memory slots, `depth` rows in flight (runtime, StreamPlan::depth, at most
+// kStreamMaxDepth). The ring has one slot more than the rows in flight so that a slot is
+// refilled a row after it was read.
+constexpr int kStreamMaxDepth = 8;
+
+template <typename T, typename A, int VW, int NR>
+struct AsyncRowPipe : RowWalk<T, NR> {
+  using TV = Vec<T, VW>;
+  using AV = Vec<A, VW>;
+  using W = RowWalk<T, NR>;
+  TV* ring;  // slot i of array a at ring[(i * NR + a) * threads + thread]
+  int threads, depth, head, tail;
+
   __device__ void Init(unsigned char* shared, int threads_, int depth_, int64_t stride,
                        bool live_) {
     ring = reinterpret_cast<TV*>(shared);
-    threads = threads_, depth = depth_, row_stride = stride, live = live_;
+    threads = threads_, depth = depth_, W::row_stride = stride, W::live = live_;
   }
   __device__ TV& Slot(int i, int a) { return ring[(i * NR + a) * threads + int(threadIdx.x)]; }
   __device__ void Issue() {
 #pragma unroll
     for (int a = 0; a < NR; ++a) {
-      if (live && next_row[a] >= lo[a] && next_row[a] < hi[a]) {
-        CopyToSharedAsync<L2Policy::kNormal, T, VW>(&Slot(tail, a), next[a]);
+      if (W::Wanted(a)) {
+        CopyToSharedAsync<L2Policy::kNormal, T, VW>(&Slot(tail, a), W::next[a]);
       } else {
         Slot(tail, a) = TV{};  // no copy to this slot is in flight: it was waited for
       }
-      next[a] += row_stride;
-      ++next_row[a];
+      W::Advance(a);
     }
     CommitCopiesToShared();  // one group per row, empty or not: the wait counts rows
     tail = tail == depth ? 0 : tail + 1;
   }
   __device__ void Start(const T* const (&base)[NR], const int (&first)[NR],
                         const int (&lowest)[NR], int count, int rows) {
-    SetRows(next, next_row, lo, hi, row_stride, base, first, lowest, count, rows);
+    W::Begin(base, first, lowest, count, rows);
     head = 0, tail = 0;
     for (int i = 0; i < depth; ++i) Issue();
   }
@@ -131,32 +144,28 @@ struct AsyncRowPipe {
   }
 };
 
-// 2-byte vectors (cp.async moves at least 4): a register ring of K raw rows, K the window
-// height, refilled in place. The kernels unroll their row loop by K, so `step` (the unrolled
-// index, s mod K) is a compile-time slot: no value ever moves between registers.
+// 2-byte vectors: a register ring of K raw rows, K the window height, refilled in place. The
+// kernels unroll their row loop by K, so `step` (the unrolled index, s mod K) is a
+// compile-time slot: no value ever moves between registers.
 template <typename T, typename A, int VW, int NR, int K>
-struct RegisterRowPipe {
+struct RegisterRowPipe : RowWalk<T, NR> {
   using TV = Vec<T, VW>;
   using AV = Vec<A, VW>;
+  using W = RowWalk<T, NR>;
   TV ring[K][NR];
-  const T* next[NR];
-  int next_row[NR], lo[NR], hi[NR];
-  int64_t row_stride;
-  bool live;
 
   __device__ void Init(unsigned char*, int, int, int64_t stride, bool live_) {
-    row_stride = stride, live = live_;
+    W::row_stride = stride, W::live = live_;
   }
   __device__ TV Read(int a) {
     TV v{};
-    if (live && next_row[a] >= lo[a] && next_row[a] < hi[a]) v = LoadVec<T, VW>(next[a]);
-    next[a] += row_stride;
-    ++next_row[a];
+    if (W::Wanted(a)) v = LoadVec<T, VW>(W::next[a]);
+    W::Advance(a);
     return v;
   }
   __device__ void Start(const T* const (&base)[NR], const int (&first)[NR],
                         const int (&lowest)[NR], int count, int rows) {
-    SetRows(next, next_row, lo, hi, row_stride, base, first, lowest, count, rows);
+    W::Begin(base, first, lowest, count, rows);
 #pragma unroll
     for (int i = 0; i < K; ++i)
 #pragma unroll
@@ -174,7 +183,9 @@ struct RegisterRowPipe {
 
 // Shared memory of a thread's rows in flight (AsyncRowPipe; none for RegisterRowPipe).
 inline int64_t RowPipeSharedBytes(int vector_bytes, int arrays, int depth, int threads) {
-  return vector_bytes >= 4 ? int64_t(depth + 1) * arrays * threads * vector_bytes : 0;
+  return vector_bytes >= kAsyncCopyMinBytes
+             ? int64_t(depth + 1) * arrays * threads * vector_bytes
+             : 0;
 }
 
 // Rows in flight per thread for AsyncRowPipe: enough for 64 bytes per thread (32-48 KB per SM
@@ -191,8 +202,12 @@ inline int StreamDepth(int bytes_per_row) {
 }
 
 template <typename T, typename A, int VW, int NR, int K>
-using RowPipe = std::conditional_t<(sizeof(T) * VW >= 4), AsyncRowPipe<T, A, VW, NR>,
-                                   RegisterRowPipe<T, A, VW, NR, K>>;
+using RowPipe = std::conditional_t<(int(sizeof(T)) * VW >= kAsyncCopyMinBytes),
+                                   AsyncRowPipe<T, A, VW, NR>, RegisterRowPipe<T, A, VW, NR, K>>;
+
+// Arrays a streaming kernel reads row by row: x, and dy for the gradient.
+template <bool kGrad>
+constexpr int kStreamArrays = kGrad ? 2 : 1;
 
 // Window sums along A1 of the exchange planes for the window [b - lo, b - lo + k1).
 template <int NQ, typename A, int VW>
@@ -286,7 +301,7 @@ __global__ void __launch_bounds__(VW == 1 ? kStreamMaxThreads : kStreamWideThrea
   const int h0 = ta * p.rows, h1 = min(h0 + p.rows, rows);
   const int64_t row_stride = p.stride[0];
 
-  constexpr int NR = kGrad ? 2 : 1;  // x, and dy for the gradient
+  constexpr int NR = kStreamArrays<kGrad>;
   RowPipe<T, A, VW, NR, K> pipe;
   pipe.Init(reinterpret_cast<unsigned char*>(fx + 2 * (NF + (kGrad ? NGS : 0)) * plane), plane,
             p.depth, row_stride, live);
@@ -514,7 +529,7 @@ ffi::Error TryStreamWindow(std::string_view op, cudaStream_t stream, const int64
                                    1, limits.sm_count, &p)) {
       return ffi::Error::Success();
     }
-    const int arrays = kGrad ? 2 : 1;  // x, dy
+    constexpr int arrays = kStreamArrays<kGrad>;
     p.depth = StreamDepth(arrays * vw * int(sizeof(T)));
     const int64_t smem =
         2 * int64_t(Policy::kF + (kGrad ? Policy::kGS : 0)) * p.threads() * vw *
