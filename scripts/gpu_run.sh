@@ -14,11 +14,13 @@
 #            tests build + self-check + whole test suite
 #            bench build + benchmark
 #            quick build + self-check + native-kernel tests + NHWC normalization benchmark
-#            sweep build + spatial/local-contrast benchmark (BENCH_LAYOUTS, no PyTorch) once
-#                  per rows-in-flight setting of the streaming window kernels: the planner's
-#                  own (auto) and JAXMPS_CUDA_STREAM_DEPTH in SWEEP_DEPTHS (default 1 2 4 8)
+#            sweep build + window-norm benchmark (SWEEP_OPS, default spatial and local
+#                  contrast; BENCH_LAYOUTS; no PyTorch) once per setting of a streaming-kernel
+#                  knob: SWEEP_KNOB (default JAXMPS_CUDA_STREAM_DEPTH, rows in flight; or
+#                  JAXMPS_CUDA_STREAM_LANES, lanes per CTA) unset (auto) and at each of
+#                  SWEEP_VALUES (default 1 2 4 8)
 # Writes: env.txt, build.log (tail), selfcheck.json, pytest.log, bench.json, bench.log
-# (sweep: sweep_depth_<setting>.json/.log).
+# (sweep: sweep_<knob>_<value>.json/.log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-benchmarks/gpu}" && cd "${1:-benchmarks/gpu}" && pwd)
@@ -76,15 +78,16 @@ if [ "$MODE" != bench ] && [ "$MODE" != sweep ]; then
 fi
 
 if [ "$MODE" = sweep ]; then
-  for depth in auto ${SWEEP_DEPTHS:-1 2 4 8}; do
-    step "window norms, rows in flight per thread: $depth"
+  KNOB=${SWEEP_KNOB:-JAXMPS_CUDA_STREAM_DEPTH}
+  for value in auto ${SWEEP_VALUES:-${SWEEP_DEPTHS:-1 2 4 8}}; do
+    step "window norms, $KNOB=$value"
     # shellcheck disable=SC2086
-    ( [ "$depth" = auto ] || export JAXMPS_CUDA_STREAM_DEPTH="$depth"
+    ( [ "$value" = auto ] || export "$KNOB=$value"
       PYTHONPATH="$PWD" "$PY" scripts/gpu_bench.py --family norm --no-torch \
-        --ops spatial_norm local_contrast_norm --layouts ${BENCH_LAYOUTS:-NHWC NCHW} \
-        --repeats ${BENCH_REPEATS:-10} --json "$OUT/sweep_depth_$depth.json" \
-        > "$OUT/sweep_depth_$depth.log" 2>&1 ) || status=1
-    sed -n '/^all cases/,$p' "$OUT/sweep_depth_$depth.log"
+        --ops ${SWEEP_OPS:-spatial_norm local_contrast_norm} --layouts ${BENCH_LAYOUTS:-NHWC NCHW} \
+        --repeats ${BENCH_REPEATS:-10} --json "$OUT/sweep_${KNOB}_$value.json" \
+        > "$OUT/sweep_${KNOB}_$value.log" 2>&1 ) || status=1
+    sed -n '/^all cases/,$p' "$OUT/sweep_${KNOB}_$value.log"
   done
 elif [ "$MODE" != tests ]; then
   step "benchmark"

@@ -55,8 +55,9 @@ def _run(kernel: Kernel, args, params):
         return call(*args, **ffi_attributes(params))
 
 
-def _compare(op, x, channels_last, window, dtype, scale=1.0):
+def _compare(op, x, channels_last, window, dtype, scale=1.0, **overrides):
     for kernel, args, params in kernel_calls(op, x, channels_last, window):
+        params = {**params, **overrides}
         got = _run(kernel, args, params)
         expected = kernel.call_reference(*args, **params)
         for i, (g, e) in enumerate(zip(got, expected)):
@@ -127,6 +128,18 @@ def test_streaming_window_rows_in_flight(monkeypatch, depth, channels_last, dtyp
     _compare("local_contrast_norm", x, channels_last, (5, 3), dtype, scale=2.0)
 
 
+@pytest.mark.parametrize("lanes", ["1", "2", "4"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("op", ["spatial_norm", "local_contrast_norm"])
+def test_streaming_window_lanes_per_cta(monkeypatch, op, dtype, lanes):
+    """JAXMPS_CUDA_STREAM_LANES: fewer lane vectors per CTA, each strip as wide as the row and
+    its halo (41 + 4 or 41 + 8 columns, not a power of two) or as 256 threads allow (lanes 4:
+    64 columns, so two strips)."""
+    monkeypatch.setenv("JAXMPS_CUDA_STREAM_LANES", lanes)
+    x = _image((2, 23, 41, 24), dtype, True, seed=10)
+    _compare(op, x, True, (5, 5), dtype, scale=2.0)
+
+
 @pytest.mark.parametrize("window", [(1, 3), (2, 1)], ids=str)
 def test_streaming_window_register_ring_short_windows(window):
     """2-byte scalars (float16 NCHW) read ahead through a register ring of K rows, K the
@@ -141,6 +154,21 @@ def test_streaming_window_nan_stays_in_its_windows(op):
     x = np.array(_image((1, 30, 30, 8), "float32", True, seed=5))
     x[0, 12, 17, 3] = np.nan
     _compare(op, jnp.asarray(x), True, (5, 3), "float32", scale=2.0)
+
+
+# T^-beta on CUDA (NegPower, cuda_common.cuh) by form: products of 1/t and rsqrt(t) for
+# beta = whole + quarters/4 up to 15.75 (each quarter, whole powers with each of the four
+# squarings' bits), exp2/log2 past that and for other or negative beta; the forward uses t^-beta
+# alone, the gradients t^(-beta-1) too. NHWC runs the streaming kernels (spatial, local
+# contrast) and the lane kernel (cross-channel), NCHW the streaming kernels.
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 8.0, 11.75, 15.75, 16.0,
+                                  0.6, -0.75])
+@pytest.mark.parametrize("op", WINDOW_OPS)
+def test_window_ops_over_beta_forms(op, beta, channels_last):
+    # delta 1.5 and small x keep T^-16 and its gradient well conditioned in float32.
+    x = _image((1, 9, 11, 8), "float32", channels_last, seed=9) * 0.5
+    _compare(op, x, channels_last, (3, 3), "float32", scale=2.0, beta=beta, delta=1.5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 #endif
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -78,18 +79,72 @@ __device__ __forceinline__ T FromAcc(A v) {
   }
 }
 
-// x^-p. For float, positive finite x (the common case: delta > 0) takes exp2(-p*log2 x);
-// everything else (0, negative bases with integer p, inf, NaN) goes through powf so edge
-// cases match jnp.power.
+// t^-beta (and t^(-beta-1), which every gradient needs) for the window norms' policies.
+// Where beta = whole + quarters/4 (0 <= whole <= kMaxWhole) the power is a product of 1/t and
+// rsqrt(t): ~20 instructions (hardware reciprocal and square roots, a few ulp), where float's exp2(-beta * log2 t) compiles to ~30 (a log2
+// polynomial and range checks) and was most of the streaming window kernels' instructions
+// (sm_90 SASS). MPS's defaults (5 for spatial and cross-channel, 0.5 for local contrast) and
+// 0.75 are all of this form; others take exp2/log2. Positive finite t only: anything else (0,
+// negative, inf, NaN) goes through pow, so edge cases match jnp.power. The form is chosen on
+// the host (Make) and is uniform across a launch (no divergence).
+// Out of line: the rare bases (0, negative, inf, NaN) must not put powf's ~100 instructions
+// into every unrolled row of the streaming kernels' loops (instruction-cache footprint). The
+// generic exp2/log2 form stays inline: a call there makes the register-heavy gradient loops
+// save registers around it (measured in ptxas' spill counts).
+__device__ __noinline__ inline float PowNegEdge(float t, float beta) { return powf(t, -beta); }
+
 template <typename A>
-__device__ __forceinline__ A PowNeg(A x, A p) {
-  if constexpr (std::is_same_v<A, double>) {
-    return pow(x, -p);
-  } else {
-    if (x > 0.f && x < INFINITY) return exp2f(-p * log2f(x));
-    return powf(x, -p);
+struct NegPower {
+  static constexpr int kMaxWhole = 15;  // 1/t to the whole power by four squarings
+  A beta = A(0);
+  int whole = -1;    // -1: generic (exp2/log2)
+  int quarters = 0;  // 0..3
+
+  static NegPower Make(double beta) {
+    NegPower p;
+    p.beta = A(beta);
+    const double q = 4.0 * beta;
+    if (beta >= 0 && beta < kMaxWhole + 1 && q == std::nearbyint(q)) {
+      p.whole = int(std::floor(beta));
+      p.quarters = int(q) - 4 * p.whole;
+    }
+    return p;
   }
-}
+
+  // t^-beta; with `next`, also *next = t^(-beta-1).
+  __device__ __forceinline__ A Of(A t, A* next = nullptr) const {
+    A v;
+    if constexpr (std::is_same_v<A, double>) {
+      v = pow(t, -beta);
+    } else {
+      if (!(t > 0.f && t < INFINITY)) {
+        v = PowNegEdge(t, beta);
+      } else if (whole < 0) {
+        v = exp2f(-beta * log2f(t));
+      } else {
+        // Hardware reciprocal and reciprocal square roots (MUFU, within 1-2 ulp): the
+        // correctly rounded ones add a range check and a slow path to every element.
+        const A r = __fdividef(A(1), t);
+        v = A(1);
+        A p = r;  // r^(2^b)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          if (whole & (1 << b)) v *= p;
+          p *= p;
+        }
+        if (quarters != 0) {
+          const A h = rsqrtf(t);       // t^-1/2
+          const A h2 = h * rsqrtf(h);  // t^-1/4
+          v *= quarters == 1 ? h2 : quarters == 2 ? h : h * h2;
+        }
+        if (next) *next = v * r;
+        return v;
+      }
+    }
+    if (next) *next = v / t;
+    return v;
+  }
+};
 
 // ---- vectors: V consecutive elements moved with one 2/4/8/16-byte access ---------------------
 

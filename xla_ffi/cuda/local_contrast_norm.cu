@@ -24,8 +24,9 @@ ffi::Error Run(cudaStream_t stream, ffi::ScratchAllocator& scratch, int64_t kern
       },
       [&](auto zero) {
         using A = decltype(zero);
-        return ContrastNormPolicy<A>{A(1.0 / n), A(alpha), A(beta), A(delta), A(p0),
-                                     A(pm),      A(ps),    A(p0 / n), A(2.0 * alpha * beta / n)};
+        return ContrastNormPolicy<A>{A(1.0 / n), A(alpha), NegPower<A>::Make(beta),
+                                     A(delta),   A(p0),    A(pm),
+                                     A(ps),      A(p0 / n), A(2.0 * alpha * beta / n)};
       });
 }
 

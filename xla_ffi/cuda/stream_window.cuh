@@ -201,6 +201,14 @@ inline int StreamDepth(int bytes_per_row) {
   return std::clamp(int(CeilDiv(64, bytes_per_row)), 2, kStreamMaxDepth);
 }
 
+// JAXMPS_CUDA_STREAM_LANES=1|2|4|8|16: lanes (vectors) per CTA of the NHWC streaming kernels,
+// for benchmarks (see PlanStreamWindow); 0 = the planner's choice.
+inline int StreamLanesKnob() {
+  const char* knob = std::getenv("JAXMPS_CUDA_STREAM_LANES");
+  const int v = knob ? std::atoi(knob) : 0;
+  return v == 1 || v == 2 || v == 4 || v == 8 || v == 16 ? v : 0;
+}
+
 template <typename T, typename A, int VW, int NR, int K>
 using RowPipe = std::conditional_t<(int(sizeof(T)) * VW >= kAsyncCopyMinBytes),
                                    AsyncRowPipe<T, A, VW, NR>, RegisterRowPipe<T, A, VW, NR, K>>;
@@ -465,6 +473,12 @@ inline bool PlanStreamWindow(const int64_t (&dim)[3], const int64_t (&stride)[3]
     p.ch = vw > 1 ? 8 : std::max(1, 32 / elem_bytes);  // 32-128 bytes per column
     p.te = 256 / p.ch;
     if (p.te - halo < 16 && vw == 1) p.te *= 2;
+    // Benchmarking knob: fewer lanes per CTA and as many columns as the row and its halo (any
+    // count: lanes are fastest, so columns need not be a power of two), up to 256 threads.
+    if (const int lanes = StreamLanesKnob(); lanes > 0 && vw > 1) {
+      p.ch = lanes;
+      p.te = int(std::min<int64_t>(dim[1] + halo, kStreamWideThreads / lanes));
+    }
   } else {
     p.te = 32;  // a warp reads 32 consecutive columns of one lane
     if (p.te - halo < 16) p.te = 64;

@@ -373,15 +373,17 @@ __global__ void __launch_bounds__(kWindowThreads)
 template <typename A>
 struct PowerNormPolicy {
   static constexpr int kF = 1, kG = 2, kGS = 1;
-  A alpha_over_n, beta, delta, two_alpha_beta_over_n;
+  A alpha_over_n;
+  NegPower<A> power;  // t -> t^-beta
+  A delta, two_alpha_beta_over_n;
   __device__ void Transform(A x, A (&f)[kF]) const { f[0] = x * x; }
   __device__ A Forward(A x, const A (&s)[kF]) const {
-    return x * PowNeg(delta + alpha_over_n * s[0], beta);
+    return x * power.Of(delta + alpha_over_n * s[0]);
   }
   __device__ void Inner(A x, A g, const A (&s)[kF], A (&q)[kG]) const {
-    const A t = delta + alpha_over_n * s[0];
-    const A tb = PowNeg(t, beta);
-    q[0] = g * x * tb / t;
+    A next;  // T^(-beta-1)
+    const A tb = power.Of(delta + alpha_over_n * s[0], &next);
+    q[0] = g * x * next;
     q[1] = g * tb;
   }
   __device__ A Combine(A x, const A (&q)[kG], const A (&st)[kGS]) const {
@@ -395,7 +397,9 @@ struct PowerNormPolicy {
 template <typename A>
 struct ContrastNormPolicy {
   static constexpr int kF = 2, kG = 3, kGS = 3;
-  A inv_n, alpha, beta, delta, p0, pm, ps, p0_over_n, two_alpha_beta_over_n;
+  A inv_n, alpha;
+  NegPower<A> power;  // t -> t^-beta
+  A delta, p0, pm, ps, p0_over_n, two_alpha_beta_over_n;
   __device__ void Transform(A x, A (&f)[kF]) const {
     f[0] = x;
     f[1] = x * x;
@@ -407,13 +411,14 @@ struct ContrastNormPolicy {
   __device__ A Forward(A x, const A (&s)[kF]) const {
     A mean, t;
     Stats(s, &mean, &t);
-    return pm + ps * (x - p0 * mean) * PowNeg(t, beta);
+    return pm + ps * (x - p0 * mean) * power.Of(t);
   }
   __device__ void Inner(A x, A g, const A (&s)[kF], A (&q)[kG]) const {
     A mean, t;
     Stats(s, &mean, &t);
-    const A a = g * PowNeg(t, beta);
-    const A c = a * (x - p0 * mean) / t;
+    A next;  // T^(-beta-1)
+    const A a = g * power.Of(t, &next);
+    const A c = g * next * (x - p0 * mean);
     q[0] = a;
     q[1] = c;
     q[2] = c * mean;

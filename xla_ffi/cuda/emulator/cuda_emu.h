@@ -23,6 +23,7 @@
 #undef __device__
 #undef __host__
 #undef __forceinline__
+#undef __noinline__
 #undef __launch_bounds__
 #undef __align__
 #undef __shared__
@@ -30,6 +31,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __align__(n) alignas(n)
@@ -37,6 +39,9 @@
 
 using std::sqrt;
 using std::pow;
+// CUDA's reciprocal square root (rsqrtf: MUFU.RSQ, within 2 ulp on a GPU; exact-rounded here).
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __fdividef(float a, float b) { return a / b; }  // MUFU.RCP-based on a GPU
 
 // CUDA's device min/max (by value; both operands converted to their common type).
 template <typename A, typename B>
