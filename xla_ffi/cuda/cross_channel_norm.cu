@@ -20,7 +20,8 @@ ffi::Error Run(cudaStream_t stream, ffi::ScratchAllocator& scratch, int64_t kern
   const double n = double(kernel_size);
   auto make_policy = [&](auto zero) {
     using A = decltype(zero);
-    return PowerNormPolicy<A>{A(alpha / n), NegPower<A>::Make(beta), A(delta), A(2.0 * alpha * beta / n)};
+    return PowerNormPolicy<A>{A(alpha / n), NegPower<A>::Make(beta), A(delta),
+                                  A(2.0 * alpha * beta / n)};
   };
   if (channels_last) {  // channels are contiguous rows: the row kernel when a row fits
     ImageShape s;

@@ -79,20 +79,21 @@ __device__ __forceinline__ T FromAcc(A v) {
   }
 }
 
-// t^-beta (and t^(-beta-1), which every gradient needs) for the window norms' policies.
-// Where beta = whole + quarters/4 (0 <= whole <= kMaxWhole) the power is a product of 1/t and
-// rsqrt(t): ~20 instructions (hardware reciprocal and square roots, a few ulp), where float's exp2(-beta * log2 t) compiles to ~30 (a log2
-// polynomial and range checks) and was most of the streaming window kernels' instructions
-// (sm_90 SASS). MPS's defaults (5 for spatial and cross-channel, 0.5 for local contrast) and
-// 0.75 are all of this form; others take exp2/log2. Positive finite t only: anything else (0,
-// negative, inf, NaN) goes through pow, so edge cases match jnp.power. The form is chosen on
-// the host (Make) and is uniform across a launch (no divergence).
-// Out of line: the rare bases (0, negative, inf, NaN) must not put powf's ~100 instructions
-// into every unrolled row of the streaming kernels' loops (instruction-cache footprint). The
-// generic exp2/log2 form stays inline: a call there makes the register-heavy gradient loops
-// save registers around it (measured in ptxas' spill counts).
+// powf for the rare bases (0, negative, inf, NaN), out of line so that its ~100 instructions
+// do not sit in every unrolled row of the streaming kernels' loops (instruction-cache
+// footprint).
 __device__ __noinline__ inline float PowNegEdge(float t, float beta) { return powf(t, -beta); }
 
+// t^-beta (and t^(-beta-1), which every gradient needs) for the window norms' policies.
+// Where beta = whole + quarters/4 (0 <= whole <= kMaxWhole) the power is a product of the
+// hardware 1/t and rsqrt(t): ~22 instructions, a few ulp. Float's exp2(-beta * log2 t)
+// compiles to ~35 (a log2 polynomial, range checks) and was, with the gradients' correctly
+// rounded division by t, about 40% of the streaming window kernels' instructions (sm_90
+// SASS). MPS's defaults (5 for spatial and cross-channel, 0.5 for local contrast) and 0.75
+// are of this form; other beta keep exp2/log2, inline (as a call, it made the register-heavy
+// gradient loops save registers around it: more spills). Positive finite t only: anything
+// else goes through powf, so edge cases match jnp.power. The form is chosen on the host
+// (Make) and is uniform across a launch (no divergence).
 template <typename A>
 struct NegPower {
   static constexpr int kMaxWhole = 15;  // 1/t to the whole power by four squarings
@@ -123,7 +124,7 @@ struct NegPower {
         v = exp2f(-beta * log2f(t));
       } else {
         // Hardware reciprocal and reciprocal square roots (MUFU, within 1-2 ulp): the
-        // correctly rounded ones add a range check and a slow path to every element.
+        // correctly rounded ones add a range check and a slow-path call to every element.
         const A r = __fdividef(A(1), t);
         v = A(1);
         A p = r;  // r^(2^b)

@@ -7,12 +7,13 @@
 // cooperative launch of as many CTAs as the GPU holds at once (one per SM): each CTA owns a
 // contiguous range of rows of one group, starts asynchronous copies (cp.async) of the back of
 // its range (as many rows as fit: about 27 MiB over an H100's SMs) into shared memory, streams
-// the front through registers for the partial sums meanwhile, then sums the kept rows. After one grid-wide barrier every CTA adds its group's partials in a
-// fixed order (the same bits everywhere: results stay bitwise repeatable, no atomics) and
-// applies: the streamed rows newest first, so that the re-read finds them in L2, then the
-// shared-memory rows (no second read at all); outputs are stored evict-first. The forward's
-// DRAM traffic is then about x once + y; the gradient still re-reads from DRAM the part of
-// (x, dy) that neither shared memory nor L2 holds (float32 at N=32, 64x64, C=128: most of it).
+// the front through registers for the partial sums meanwhile, then sums the kept rows. After
+// one grid-wide barrier every CTA adds its group's partials in a fixed order (the same bits
+// everywhere: results stay bitwise repeatable, no atomics) and applies: the streamed rows
+// newest first, so that the re-read finds them in L2, then the shared-memory rows (no second
+// read at all); outputs are stored evict-first. The forward's DRAM traffic is then about x
+// once + y; the gradient still re-reads from DRAM the part of (x, dy) that neither shared
+// memory nor L2 holds (float32 at N=32, 64x64, C=128: most of it).
 #pragma once
 
 namespace jaxmps::cuda {

@@ -22,7 +22,8 @@ ffi::Error Run(cudaStream_t stream, ffi::ScratchAllocator& scratch, int64_t kern
       },
       [&](auto zero) {
         using A = decltype(zero);
-        return PowerNormPolicy<A>{A(alpha / n), NegPower<A>::Make(beta), A(delta), A(2.0 * alpha * beta / n)};
+        return PowerNormPolicy<A>{A(alpha / n), NegPower<A>::Make(beta), A(delta),
+                                  A(2.0 * alpha * beta / n)};
       });
 }
 
