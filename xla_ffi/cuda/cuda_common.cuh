@@ -134,9 +134,13 @@ struct NegPower {
           p *= p;
         }
         if (quarters != 0) {
-          const A h = rsqrtf(t);       // t^-1/2
-          const A h2 = h * rsqrtf(h);  // t^-1/4
-          v *= quarters == 1 ? h2 : quarters == 2 ? h : h * h2;
+          const A h = rsqrtf(t);  // t^-1/2
+          if (quarters == 2) {
+            v *= h;  // the t^-1/4 root only where it is used (not for LCN's default 0.5)
+          } else {
+            const A h2 = h * rsqrtf(h);  // t^-1/4
+            v *= quarters == 1 ? h2 : h * h2;
+          }
         }
         if (next) *next = v * r;
         return v;
