@@ -18,7 +18,7 @@ import pytest
 from conftest import assert_close
 from jaxmps._src import ffi
 from jaxmps._src.kernel import Kernel, ffi_attributes
-from jaxmps._src.samples import ALL_OPS, WINDOW_OPS, kernel_calls
+from jaxmps._src.samples import ALL_OPS, DEFAULT_BETA, WINDOW_OPS, kernel_calls
 from test_norm_native import _image
 
 SUFFIX = "_cuda_emu"
@@ -169,6 +169,55 @@ def test_window_ops_over_beta_forms(op, beta, channels_last):
     # delta 1.5 and small x keep T^-16 and its gradient well conditioned in float32.
     x = _image((1, 9, 11, 8), "float32", channels_last, seed=9) * 0.5
     _compare(op, x, channels_last, (3, 3), "float32", scale=2.0, beta=beta, delta=1.5)
+
+
+def _compiled_beta_launches() -> int:
+    lib = _targets()["_lib"]
+    lib.jaxmps_cuda_emu_compiled_beta_launches.restype = ctypes.c_int64
+    return lib.jaxmps_cuda_emu_compiled_beta_launches()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("window", [3, 5, 7])
+@pytest.mark.parametrize("op", WINDOW_OPS)
+def test_compiled_beta_kernels(monkeypatch, op, window, channels_last, dtype):
+    """The op's default beta with a square window of odd size (streaming kernels) or any window
+    (cross-channel NHWC, lane kernel) runs kernels with the window width and beta's form
+    compiled in: the same bits as the general kernels (JAXMPS_CUDA_COMPILED_BETA=0), both
+    close to the reference, and the launch tally shows which ran. Cross-channel NCHW windows
+    run along one axis only (width 1): never compiled."""
+    x = _image((2, 21, 19, 16), dtype, channels_last, seed=11)
+    compiled = not (op == "cross_channel_norm" and not channels_last)
+    for kernel, args, params in kernel_calls(op, x, channels_last, (window, window)):
+        params = {**params, "beta": DEFAULT_BETA[op]}
+        outs = {}
+        for knob in ("1", "0"):
+            monkeypatch.setenv("JAXMPS_CUDA_COMPILED_BETA", knob)
+            before = _compiled_beta_launches()
+            outs[knob] = [np.asarray(o) for o in _run(kernel, args, params)]
+            ran = _compiled_beta_launches() - before
+            assert ran == (1 if compiled and knob == "1" else 0), (kernel.name, knob, ran)
+        for fixed, general in zip(outs["1"], outs["0"]):
+            np.testing.assert_array_equal(fixed, general, err_msg=kernel.name)
+        for g, e in zip(outs["1"], kernel.call_reference(*args, **params)):
+            assert_close(g, e, dtype, 2.0, err_msg=f"{kernel.name} compiled beta")
+
+
+def test_power_of_subnormal_window_sums():
+    """T below the smallest normal float (here delta = 0 and x = 1e-20: T ~ 1e-40) goes to
+    powf, not to the flushing hardware reciprocal square root (emulated: a subnormal input
+    reads as zero, as rsqrt.approx.ftz does), which would give inf. Expected values from the
+    formula in float64 (numpy; XLA:CPU flushes subnormals, so the reference cannot serve)."""
+    x = np.full((1, 6, 7, 8), 1e-20, np.float32)
+    kernel, args, params = kernel_calls("spatial_norm", jnp.asarray(x), True, (3, 3))[0]
+    params = {**params, "alpha": 1.0, "beta": 0.25, "delta": 0.0}
+    (got,) = _run(kernel, args, params)
+    sq = np.pad(x.astype(np.float64) ** 2, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    s = sum(sq[:, i:i + 6, j:j + 7] for i in range(3) for j in range(3))
+    expected = x * (s / 9.0) ** -0.25
+    assert np.all(np.isfinite(np.asarray(got)))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

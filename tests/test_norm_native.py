@@ -17,7 +17,7 @@ import pytest
 import jaxmps
 from conftest import FFI_PLATFORM, assert_close, require_native
 from jaxmps._src import norm_kernels as k
-from jaxmps._src.samples import ALL_OPS, WINDOW_OPS, kernel_calls
+from jaxmps._src.samples import ALL_OPS, DEFAULT_BETA, WINDOW_OPS, kernel_calls
 
 DTYPES = ["float32", "float64", "float16", "bfloat16"]
 # (N, H, W, C): N = 1, C = 1, C not a multiple of 4, 1x1 images, odd sizes.
@@ -102,6 +102,29 @@ def test_window_ops_over_beta_forms(x64, op, beta):
     for dtype, scale in (("float64", 1.0), ("float32", 2.0)):
         x = _image((2, 5, 6, 20), dtype, True, seed=9)
         _compare(op, x, True, (3, 3), dtype, scale=scale, beta=beta, delta=1.5)
+
+
+# MPS's default beta: the CUDA kernels with its form (and, streaming, a square window's width)
+# compiled in, against their general kernels (JAXMPS_CUDA_COMPILED_BETA=0: the same bits) and
+# the reference. Other backends ignore the knob.
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("window", [(5, 5), (7, 7)], ids=lambda w: f"{w[0]}x{w[1]}")
+@pytest.mark.parametrize("op", WINDOW_OPS)
+def test_default_beta_kernels(monkeypatch, op, window, channels_last, dtype):
+    x = _image((2, 21, 19, 16), dtype, channels_last, seed=11)
+    for kernel, args, params in kernel_calls(op, x, channels_last, window):
+        params = {**params, "beta": DEFAULT_BETA[op]}
+        require_native(kernel, dtype)
+        outs = {}
+        for knob in ("1", "0"):
+            monkeypatch.setenv("JAXMPS_CUDA_COMPILED_BETA", knob)
+            outs[knob] = [np.asarray(o)
+                          for o in kernel.bind(*args, **params, implementation="native")]
+        for fixed, general in zip(outs["1"], outs["0"]):
+            np.testing.assert_array_equal(fixed, general, err_msg=kernel.name)
+        for g, e in zip(outs["1"], kernel.call_reference(*args, **params)):
+            assert_close(g, e, dtype, 2.0, err_msg=f"{kernel.name} default beta")
 
 
 # Instance/batch statistics units (xla_ffi/cpu/channel_sweep.h): NHWC chunks of 128 pixels,

@@ -13,6 +13,10 @@ WINDOW_OPS = ("spatial_norm", "local_contrast_norm", "cross_channel_norm")
 ALL_OPS = ("instance_norm", "batch_norm") + WINDOW_OPS
 
 
+# MPS's default beta of each window op: the form the CUDA kernels compile in.
+DEFAULT_BETA = {"spatial_norm": 5.0, "local_contrast_norm": 0.5, "cross_channel_norm": 5.0}
+
+
 def settings(op: str, window=(3, 3)):
     """Attributes of an op's kernels (non-default values so that every parameter matters)."""
     kh, kw = window

@@ -69,10 +69,15 @@ ffi::Error Gradient(cudaStream_t stream, ffi::ScratchAllocator scratch, int64_t 
 }  // namespace jaxmps::cuda
 
 #ifdef JAXMPS_CUDA_EMU
-// Emulator library only (tests): how many times the lane kernel was launched, so the tests can
-// tell which path a call took.
+// Emulator library only (tests): how many times the lane kernel, and a window kernel with a
+// compiled beta form (any window op), were launched, so the tests can tell which path a call
+// took.
 extern "C" __attribute__((visibility("default"))) int64_t jaxmps_cuda_emu_lane_window_launches() {
   return jaxmps::cuda::lane_window_launches.load();
+}
+extern "C" __attribute__((visibility("default"))) int64_t
+jaxmps_cuda_emu_compiled_beta_launches() {
+  return jaxmps::cuda::compiled_beta_launches.load();
 }
 #endif
 

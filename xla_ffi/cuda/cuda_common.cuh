@@ -11,10 +11,13 @@
 #include <cuda_runtime.h>
 #endif
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string_view>
 #include <type_traits>
 
 #include "jaxmps/ffi_common.h"
@@ -84,19 +87,49 @@ __device__ __forceinline__ T FromAcc(A v) {
 // footprint).
 __device__ __noinline__ inline float PowNegEdge(float t, float beta) { return powf(t, -beta); }
 
+// The hardware's approximate reciprocal and reciprocal square root (MUFU.RCP / MUFU.RSQ, within
+// 1-2 ulp), flushing subnormal inputs: __fdividef(1, t) and rsqrtf add a rescaling of subnormal
+// t (~5 instructions each, sm_90 SASS) that NegPower does not need, since it sends t below the
+// smallest normal float to powf.
+#ifdef JAXMPS_CUDA_EMU
+// Exact values, but a subnormal input reads as zero (.ftz), as on the GPU.
+inline float FlushSubnormal(float t) { return std::fpclassify(t) == FP_SUBNORMAL ? 0.0f * t : t; }
+inline float RcpApprox(float t) { return 1.0f / FlushSubnormal(t); }
+inline float RsqrtApprox(float t) { return 1.0f / std::sqrt(FlushSubnormal(t)); }
+#else
+__device__ __forceinline__ float RcpApprox(float t) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(t));
+  return r;
+}
+__device__ __forceinline__ float RsqrtApprox(float t) {
+  float r;
+  asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(t));
+  return r;
+}
+#endif
+
+// NegPower's beta decided at run time (per launch), as opposed to a compiled form kQ = 4 beta.
+constexpr int kRuntimeBeta = -1;
+
 // t^-beta (and t^(-beta-1), which every gradient needs) for the window norms' policies.
 // Where beta = whole + quarters/4 (0 <= whole <= kMaxWhole) the power is a product of the
-// hardware 1/t and rsqrt(t): ~22 instructions, a few ulp. Float's exp2(-beta * log2 t)
-// compiles to ~35 (a log2 polynomial, range checks) and was, with the gradients' correctly
+// hardware 1/t and rsqrt(t) (a few ulp). Float's exp2(-beta * log2 t) compiles to ~35
+// instructions (a log2 polynomial, range checks) and was, with the gradients' correctly
 // rounded division by t, about 40% of the streaming window kernels' instructions (sm_90
 // SASS). MPS's defaults (5 for spatial and cross-channel, 0.5 for local contrast) and 0.75
 // are of this form; other beta keep exp2/log2, inline (as a call, it made the register-heavy
-// gradient loops save registers around it: more spills). Positive finite t only: anything
-// else goes through powf, so edge cases match jnp.power. The form is chosen on the host
-// (Make) and is uniform across a launch (no divergence).
-template <typename A>
+// gradient loops save registers around it: more spills). Normal positive finite t only:
+// anything else goes through powf, so edge cases match jnp.power.
+// kQ = kRuntimeBeta: the form is chosen on the host (Make) and is uniform across a launch; its
+// squarings and quarter roots are still predicated per element (~18 instructions for beta 5,
+// the form's flags re-tested because predicate registers are few). kQ >= 0 compiles the form
+// beta = kQ / 4 in (Compiled): 1/t^5 is then one MUFU.RCP and three multiplies. The products
+// are the same operations in the same order either way: the two give the same bits.
+template <typename A, int kQ = kRuntimeBeta>
 struct NegPower {
   static constexpr int kMaxWhole = 15;  // 1/t to the whole power by four squarings
+  static_assert(kQ == kRuntimeBeta || (kQ >= 0 && kQ < 4 * (kMaxWhole + 1)));
   A beta = A(0);
   int whole = -1;    // -1: generic (exp2/log2)
   int quarters = 0;  // 0..3
@@ -112,34 +145,45 @@ struct NegPower {
     return p;
   }
 
+  // Whether beta is the form q / 4.
+  bool Is(int q) const { return whole >= 0 && 4 * whole + quarters == q; }
+  // This power with its form compiled in (Is(Q) must hold).
+  template <int Q>
+  NegPower<A, Q> Compiled() const {
+    NegPower<A, Q> p;
+    p.beta = beta, p.whole = whole, p.quarters = quarters;
+    return p;
+  }
+
   // t^-beta; with `next`, also *next = t^(-beta-1).
   __device__ __forceinline__ A Of(A t, A* next = nullptr) const {
+    constexpr bool kFixed = kQ != kRuntimeBeta;
+    const int w = kFixed ? kQ / 4 : whole;
+    const int qu = kFixed ? kQ % 4 : quarters;
     A v;
     if constexpr (std::is_same_v<A, double>) {
       v = pow(t, -beta);
     } else {
-      if (!(t > 0.f && t < INFINITY)) {
+      if (!(t >= 1.17549435e-38f && t < INFINITY)) {  // not a normal positive float
         v = PowNegEdge(t, beta);
-      } else if (whole < 0) {
+      } else if (w < 0) {
         v = exp2f(-beta * log2f(t));
       } else {
-        // Hardware reciprocal and reciprocal square roots (MUFU, within 1-2 ulp): the
-        // correctly rounded ones add a range check and a slow-path call to every element.
-        const A r = __fdividef(A(1), t);
+        const A r = RcpApprox(t);
         v = A(1);
         A p = r;  // r^(2^b)
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
-          if (whole & (1 << b)) v *= p;
+          if (w & (1 << b)) v *= p;
           p *= p;
         }
-        if (quarters != 0) {
-          const A h = rsqrtf(t);  // t^-1/2
-          if (quarters == 2) {
+        if (qu != 0) {
+          const A h = RsqrtApprox(t);  // t^-1/2
+          if (qu == 2) {
             v *= h;  // the t^-1/4 root only where it is used (not for LCN's default 0.5)
           } else {
-            const A h2 = h * rsqrtf(h);  // t^-1/4
-            v *= quarters == 1 ? h2 : h * h2;
+            const A h2 = h * RsqrtApprox(h);  // t^-1/4
+            v *= qu == 1 ? h2 : h * h2;
           }
         }
         if (next) *next = v * r;
@@ -150,6 +194,20 @@ struct NegPower {
     return v;
   }
 };
+
+// Whether a window launch takes its policy's compiled beta form (Policy::Compiled: beta is the
+// op's MPS default). JAXMPS_CUDA_COMPILED_BETA=0 turns the compiled kernels off, so that a
+// benchmark can compare the two in one process.
+template <typename Policy>
+bool UseCompiledBeta(const Policy& pol) {
+  const char* knob = std::getenv("JAXMPS_CUDA_COMPILED_BETA");
+  return pol.Compilable() && !(knob != nullptr && std::string_view(knob) == "0");
+}
+
+#ifdef JAXMPS_CUDA_EMU
+// Launches of kernels with a compiled beta form: lets the emulator tests tell which ran.
+inline std::atomic<int64_t> compiled_beta_launches{0};
+#endif
 
 // ---- vectors: V consecutive elements moved with one 2/4/8/16-byte access ---------------------
 

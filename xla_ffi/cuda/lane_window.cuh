@@ -187,24 +187,36 @@ ffi::Error TryLaneWindow(std::string_view op, cudaStream_t stream, int64_t rows,
 #endif
   const int64_t blocks = CeilDiv(p.vectors, int64_t(LaneUnroll<kGrad>()) * kLaneThreads);
   const char* what = kGrad ? "the lane window gradient kernel" : "the lane window forward kernel";
+  // The op's default beta (MPS's 5) compiled in when it is the one asked for (same bits).
+  const bool compiled = !std::is_same_v<A, double> && UseCompiledBeta(pol);
+#ifdef JAXMPS_CUDA_EMU
+  if (compiled) ++compiled_beta_launches;
+#endif
   return DispatchVector<T>(vw, [&](auto vw_c) {
     constexpr int VW = decltype(vw_c)::value;
-    auto launch = [&](auto kernel) {
-      return Launch(op, what, kernel, blocks, kLaneThreads, 0, stream, p, pol, x, dy, out);
+    auto with_halo = [&](auto policy) {
+      using P = decltype(policy);
+      auto launch = [&](auto kernel) {
+        return Launch(op, what, kernel, blocks, kLaneThreads, 0, stream, p, policy, x, dy, out);
+      };
+      switch (halo) {  // halos are powers of two <= VW
+        case 1: return launch(LaneWindowKernel<T, A, P, kGrad, VW, 1>);
+        case 2:
+          if constexpr (VW >= 2) return launch(LaneWindowKernel<T, A, P, kGrad, VW, 2>);
+          break;
+        case 4:
+          if constexpr (VW >= 4) return launch(LaneWindowKernel<T, A, P, kGrad, VW, 4>);
+          break;
+        case 8:
+          if constexpr (VW >= 8) return launch(LaneWindowKernel<T, A, P, kGrad, VW, 8>);
+          break;
+      }
+      return Internal(op, "lane window halo ", halo, " exceeds the vector width ", VW);
     };
-    switch (halo) {  // halos are powers of two <= VW
-      case 1: return launch(LaneWindowKernel<T, A, Policy, kGrad, VW, 1>);
-      case 2:
-        if constexpr (VW >= 2) return launch(LaneWindowKernel<T, A, Policy, kGrad, VW, 2>);
-        break;
-      case 4:
-        if constexpr (VW >= 4) return launch(LaneWindowKernel<T, A, Policy, kGrad, VW, 4>);
-        break;
-      case 8:
-        if constexpr (VW >= 8) return launch(LaneWindowKernel<T, A, Policy, kGrad, VW, 8>);
-        break;
+    if constexpr (!std::is_same_v<A, double>) {  // float64 takes pow either way
+      if (compiled) return with_halo(pol.Compile());
     }
-    return Internal(op, "lane window halo ", halo, " exceeds the vector width ", VW);
+    return with_halo(pol);
   });
 }
 

@@ -97,6 +97,12 @@ constexpr int kAsyncCopyMinBytes = 4;
 // refilled a row after it was read.
 constexpr int kStreamMaxDepth = 8;
 
+// The planner's rows in flight for rows of a thread's `bytes` (see StreamDepth).
+__host__ __device__ constexpr int PlannedStreamDepth(int bytes) {
+  const int depth = (64 + bytes - 1) / bytes;
+  return depth < 2 ? 2 : depth > kStreamMaxDepth ? kStreamMaxDepth : depth;
+}
+
 template <typename T, typename A, int VW, int NR>
 struct AsyncRowPipe : RowWalk<T, NR> {
   using TV = Vec<T, VW>;
@@ -132,7 +138,15 @@ struct AsyncRowPipe : RowWalk<T, NR> {
   }
   // The next row of each array (`step` is unused: the ring index is runtime here).
   __device__ void Next(int, AV (&out)[NR]) {
-    WaitCopiesToShared(depth - 1);  // the oldest of the `depth` rows in flight has landed
+    // The oldest of the `depth` rows in flight has landed. The planner's depth (the usual
+    // case) waits with a constant; the benchmarking knob's others through the switch of
+    // WaitCopiesToShared (a jump table: ~6 more instructions per row).
+    constexpr int kPlanned = PlannedStreamDepth(NR * VW * int(sizeof(T)));
+    if (depth == kPlanned) {
+      WaitCopiesToShared(kPlanned - 1);
+    } else {
+      WaitCopiesToShared(depth - 1);
+    }
 #pragma unroll
     for (int a = 0; a < NR; ++a) {
       const TV raw = Slot(head, a);
@@ -198,7 +212,7 @@ inline int StreamDepth(int bytes_per_row) {
     const int v = std::atoi(knob);
     if (v >= 1 && v <= kStreamMaxDepth) return v;
   }
-  return std::clamp(int(CeilDiv(64, bytes_per_row)), 2, kStreamMaxDepth);
+  return PlannedStreamDepth(bytes_per_row);
 }
 
 // JAXMPS_CUDA_STREAM_LANES=1|2|4|8|16: lanes (vectors) per CTA of the NHWC streaming kernels,
@@ -217,24 +231,30 @@ using RowPipe = std::conditional_t<(int(sizeof(T)) * VW >= kAsyncCopyMinBytes),
 template <bool kGrad>
 constexpr int kStreamArrays = kGrad ? 2 : 1;
 
-// Window sums along A1 of the exchange planes for the window [b - lo, b - lo + k1).
-template <int NQ, typename A, int VW>
+// Window sums along A1 of the exchange planes for the window [b - lo, b - lo + k1); K1 > 0 is
+// k1 compiled in (the loop then fully unrolled, no trip count or index arithmetic).
+template <int NQ, int K1, typename A, int VW>
 __device__ __forceinline__ void SumAcross(const StreamPlan& p, const Vec<A, VW>* ex,
                                           int plane, int at, int lo, Vec<A, VW> (&out)[NQ]) {
   const int step = p.col_step();
   const int first = at - lo * step;
 #pragma unroll
-  for (int q = 0; q < NQ; ++q)
-#pragma unroll
-    for (int e = 0; e < VW; ++e) out[q].v[e] = A(0);
-#pragma unroll 4
-  for (int d = 0; d < p.k1; ++d)
+  for (int q = 0; q < NQ; ++q) out[q] = ex[q * plane + first];  // not 0 + the first term
+  auto add = [&](int d) {
 #pragma unroll
     for (int q = 0; q < NQ; ++q) {
       const Vec<A, VW> v = ex[q * plane + first + d * step];
 #pragma unroll
       for (int e = 0; e < VW; ++e) out[q].v[e] += v.v[e];
     }
+  };
+  if constexpr (K1 > 0) {
+#pragma unroll
+    for (int d = 1; d < K1; ++d) add(d);
+  } else {
+#pragma unroll 4
+    for (int d = 1; d < p.k1; ++d) add(d);
+  }
 }
 
 // Window sums along A0 of F(x) over the ring (row r - i in slot (j - i) mod K).
@@ -242,17 +262,13 @@ template <typename Policy, int K, int VW, typename A>
 __device__ __forceinline__ void SumDown(const Policy& pol, const Vec<A, VW> (&ring)[K], int j,
                                         Vec<A, VW> (&f)[Policy::kF]) {
 #pragma unroll
-  for (int q = 0; q < Policy::kF; ++q)
-#pragma unroll
-    for (int e = 0; e < VW; ++e) f[q].v[e] = A(0);
-#pragma unroll
   for (int i = 0; i < K; ++i)
 #pragma unroll
     for (int e = 0; e < VW; ++e) {
       A fi[Policy::kF];
       pol.Transform(ring[(j - i + K) % K].v[e], fi);
 #pragma unroll
-      for (int q = 0; q < Policy::kF; ++q) f[q].v[e] += fi[q];
+      for (int q = 0; q < Policy::kF; ++q) f[q].v[e] = i == 0 ? fi[q] : f[q].v[e] + fi[q];
     }
 }
 
@@ -275,12 +291,14 @@ constexpr int StreamMinBlocks() {
   return VW == 1 ? 1 : kGrad && Policy::kGS > 1 ? 2 : 3;
 }
 
-template <typename T, typename A, typename Policy, bool kGrad, int K, int VW>
+// K: the window height (compiled: the rings' slots); K1: its width compiled in, or 0 (p.k1).
+template <typename T, typename A, typename Policy, bool kGrad, int K, int VW, int K1>
 __global__ void __launch_bounds__(VW == 1 ? kStreamMaxThreads : kStreamWideThreads,
                                   (StreamMinBlocks<Policy, kGrad, VW>()))
     StreamWindowKernel(StreamPlan p, Policy pol, const T* __restrict__ x,
                        const T* __restrict__ dy, T* __restrict__ out) {
   constexpr int NF = Policy::kF, NG = Policy::kG, NGS = Policy::kGS;
+  const int k1 = K1 > 0 ? K1 : p.k1;
   using AV = Vec<A, VW>;
   JAXMPS_DYNAMIC_SHARED(smem);
   const int plane = p.threads();
@@ -341,7 +359,7 @@ __global__ void __launch_bounds__(VW == 1 ? kStreamMaxThreads : kStreamWideThrea
         __syncthreads();
         if (out_col) {
           AV sum[NF];
-          SumAcross<NF, A, VW>(p, ex, plane, me, p.k1 / 2, sum);
+          SumAcross<NF, K1, A, VW>(p, ex, plane, me, k1 / 2, sum);
           const AV& xc = ring[(j - (K - 1) / 2 + K) % K];
           AV y;
 #pragma unroll
@@ -368,7 +386,7 @@ __global__ void __launch_bounds__(VW == 1 ? kStreamMaxThreads : kStreamWideThrea
     // r0 + K/2): the rows before it are not read.
     pipe.Start({x + offset, dy + offset}, {r0, r0 - (K - 1) + K / 2}, {r0, r0 + K / 2}, steps,
                rows);
-    const bool q_col = b >= p.k1 / 2 && b < p.te - (p.k1 - 1) / 2 && live;
+    const bool q_col = b >= k1 / 2 && b < p.te - (k1 - 1) / 2 && live;
     AV qring[NG][K];  // Q of the last K rows: the one of step s in slot s mod K
 #pragma unroll
     for (int q = 0; q < NG; ++q)
@@ -414,7 +432,7 @@ __global__ void __launch_bounds__(VW == 1 ? kStreamMaxThreads : kStreamWideThrea
         __syncthreads();
         if (emit && out_col) {
           AV st[NGS];
-          SumAcross<NGS, A, VW>(p, eq, plane, me, (p.k1 - 1) / 2, st);
+          SumAcross<NGS, K1, A, VW>(p, eq, plane, me, (k1 - 1) / 2, st);
           AV dx;
 #pragma unroll
           for (int e = 0; e < VW; ++e) {
@@ -434,7 +452,7 @@ __global__ void __launch_bounds__(VW == 1 ? kStreamMaxThreads : kStreamWideThrea
           for (int e = 0; e < VW; ++e) qring[q][j].v[e] = A(0);
         if (q_col && hq >= 0 && hq < rows) {
           AV sum[NF];
-          SumAcross<NF, A, VW>(p, ex, plane, me, p.k1 / 2, sum);
+          SumAcross<NF, K1, A, VW>(p, ex, plane, me, k1 / 2, sum);
           const AV& xq = ring[(j - (K - 1) / 2 + K) % K];
 #pragma unroll
           for (int e = 0; e < VW; ++e) {
@@ -553,21 +571,38 @@ ffi::Error TryStreamWindow(std::string_view op, cudaStream_t stream, const int64
     *ran = true;
     const char* what = kGrad ? "the streaming window gradient kernel"
                              : "the streaming window forward kernel";
+    // Square windows of odd size 3..7 (MPS's default is 5 x 5) with the op's default beta:
+    // kernels with the width and the beta form compiled in (fewer instructions per element:
+    // no trip count or index arithmetic in the sums across, 1/t^5 in four instructions).
+    // Other windows and beta take the general kernels; the values are the same bits.
+    const bool compiled = k1 == k0 && k0 % 2 == 1 && k0 >= 3 && UseCompiledBeta(pol);
+#ifdef JAXMPS_CUDA_EMU
+    if (compiled) ++compiled_beta_launches;
+#endif
     auto launch = [&](auto vw_constant) {
       constexpr int V = decltype(vw_constant)::value;
-      auto go = [&](auto kernel) {
+      auto go = [&](auto kernel, const auto& policy) {
         JAXMPS_RETURN_IF_ERROR(AllowSharedMemory(op, kernel, smem));
-        return Launch(op, what, kernel, p.blocks, p.threads(), smem, stream, p, pol, x, dy,
+        return Launch(op, what, kernel, p.blocks, p.threads(), smem, stream, p, policy, x, dy,
                       out);
       };
+      if (compiled) {
+        using C = typename Policy::Compiled;
+        const C fixed = pol.Compile();
+        switch (k0) {
+          case 3: return go(StreamWindowKernel<T, A, C, kGrad, 3, V, 3>, fixed);
+          case 5: return go(StreamWindowKernel<T, A, C, kGrad, 5, V, 5>, fixed);
+          default: return go(StreamWindowKernel<T, A, C, kGrad, 7, V, 7>, fixed);
+        }
+      }
       switch (k0) {
-        case 1: return go(StreamWindowKernel<T, A, Policy, kGrad, 1, V>);
-        case 2: return go(StreamWindowKernel<T, A, Policy, kGrad, 2, V>);
-        case 3: return go(StreamWindowKernel<T, A, Policy, kGrad, 3, V>);
-        case 4: return go(StreamWindowKernel<T, A, Policy, kGrad, 4, V>);
-        case 5: return go(StreamWindowKernel<T, A, Policy, kGrad, 5, V>);
-        case 6: return go(StreamWindowKernel<T, A, Policy, kGrad, 6, V>);
-        default: return go(StreamWindowKernel<T, A, Policy, kGrad, 7, V>);
+        case 1: return go(StreamWindowKernel<T, A, Policy, kGrad, 1, V, 0>, pol);
+        case 2: return go(StreamWindowKernel<T, A, Policy, kGrad, 2, V, 0>, pol);
+        case 3: return go(StreamWindowKernel<T, A, Policy, kGrad, 3, V, 0>, pol);
+        case 4: return go(StreamWindowKernel<T, A, Policy, kGrad, 4, V, 0>, pol);
+        case 5: return go(StreamWindowKernel<T, A, Policy, kGrad, 5, V, 0>, pol);
+        case 6: return go(StreamWindowKernel<T, A, Policy, kGrad, 6, V, 0>, pol);
+        default: return go(StreamWindowKernel<T, A, Policy, kGrad, 7, V, 0>, pol);
       }
     };
     if (wide) return launch(std::integral_constant<int, kVW>{});

@@ -370,12 +370,19 @@ __global__ void __launch_bounds__(kWindowThreads)
 // Spatial and cross-channel norm: T = delta + alpha/N * S[X^2], Y = X T^-beta;
 // dX = g T^-beta - (2 alpha beta / N) X S^T[g X T^(-beta-1)].
 // Q planes: [g X T^(-beta-1) (summed), g T^-beta].
-template <typename A>
+// kQ: NegPower's form (kRuntimeBeta, or 4 beta compiled in: Compiled, for MPS's default 5).
+template <typename A, int kQ = kRuntimeBeta>
 struct PowerNormPolicy {
   static constexpr int kF = 1, kG = 2, kGS = 1;
+  static constexpr int kDefaultQ = 20;  // beta 5, spatial and cross-channel norm's default
+  using Compiled = PowerNormPolicy<A, kDefaultQ>;
   A alpha_over_n;
-  NegPower<A> power;  // t -> t^-beta
+  NegPower<A, kQ> power;  // t -> t^-beta
   A delta, two_alpha_beta_over_n;
+  bool Compilable() const { return power.Is(kDefaultQ); }
+  Compiled Compile() const {
+    return {alpha_over_n, power.template Compiled<kDefaultQ>(), delta, two_alpha_beta_over_n};
+  }
   __device__ void Transform(A x, A (&f)[kF]) const { f[0] = x * x; }
   __device__ A Forward(A x, const A (&s)[kF]) const {
     return x * power.Of(delta + alpha_over_n * s[0]);
@@ -394,12 +401,20 @@ struct PowerNormPolicy {
 // Local contrast norm: M = S[X]/N, VAR = S[X^2]/N - M^2, T = delta + alpha VAR,
 // Y = pm + ps (X - p0 M) T^-beta; A = g T^-beta, C = A (X - p0 M) / T,
 // dX = ps (A - p0/N S^T[A] - 2 alpha beta / N (X S^T[C] - S^T[C M])). Q planes: [A, C, C M].
-template <typename A>
+// kQ as for PowerNormPolicy (compiled: MPS's default 0.5).
+template <typename A, int kQ = kRuntimeBeta>
 struct ContrastNormPolicy {
   static constexpr int kF = 2, kG = 3, kGS = 3;
+  static constexpr int kDefaultQ = 2;  // beta 0.5
+  using Compiled = ContrastNormPolicy<A, kDefaultQ>;
   A inv_n, alpha;
-  NegPower<A> power;  // t -> t^-beta
+  NegPower<A, kQ> power;  // t -> t^-beta
   A delta, p0, pm, ps, p0_over_n, two_alpha_beta_over_n;
+  bool Compilable() const { return power.Is(kDefaultQ); }
+  Compiled Compile() const {
+    return {inv_n, alpha, power.template Compiled<kDefaultQ>(), delta, p0, pm, ps, p0_over_n,
+            two_alpha_beta_over_n};
+  }
   __device__ void Transform(A x, A (&f)[kF]) const {
     f[0] = x;
     f[1] = x * x;

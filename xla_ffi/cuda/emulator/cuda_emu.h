@@ -17,6 +17,9 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 // ---- kernel-language keywords (replacing the CUDA headers' host-compiler definitions) --------
 #undef __global__
@@ -188,6 +191,15 @@ inline void WaitAllCopies() {
 // a driver does when it cannot co-schedule the grid).
 bool CooperativeRefused();
 
+// A GPU's float arithmetic keeps subnormals (the kernels are not built with -ftz), but XLA:CPU
+// runs custom calls with them flushed (MXCSR FTZ/DAZ), which new threads inherit: each
+// emulated thread turns the flushing off.
+inline void KeepSubnormals() {
+#if defined(__SSE__)
+  _mm_setcsr(_mm_getcsr() & ~(0x8000u | 0x0040u));  // FTZ, DAZ
+#endif
+}
+
 // Runs kernel(args...) over `blocks` blocks of `threads` threads in clusters of
 // `cluster_size` consecutive blocks: the blocks of one cluster run concurrently (each thread
 // on its own host thread), clusters one after another.
@@ -204,6 +216,7 @@ void LaunchCluster(void (*kernel)(Params...), int64_t blocks, int cluster_size, 
     for (int r = 0; r < cluster_size; ++r) {
       for (int t = 0; t < threads; ++t) {
         pool.emplace_back([&, r, t] {
+          KeepSubnormals();
           thread_idx = {unsigned(t), 0, 0};
           block_idx = {unsigned(first + r), 0, 0};
           block_dim = {unsigned(threads), 1, 1};
