@@ -105,8 +105,8 @@ def test_window_ops_over_beta_forms(x64, op, beta):
 
 
 # MPS's default beta: the CUDA kernels with its form (and, streaming, a square window's width)
-# compiled in, against their general kernels (JAXMPS_CUDA_COMPILED_BETA=0: the same bits) and
-# the reference. Other backends ignore the knob.
+# compiled in, against their general kernels (JAXMPS_CUDA_COMPILED_BETA=0) and the reference.
+# Other backends ignore the knob.
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
 @pytest.mark.parametrize("window", [(5, 5), (7, 7)], ids=lambda w: f"{w[0]}x{w[1]}")
@@ -121,8 +121,10 @@ def test_default_beta_kernels(monkeypatch, op, window, channels_last, dtype):
             monkeypatch.setenv("JAXMPS_CUDA_COMPILED_BETA", knob)
             outs[knob] = [np.asarray(o)
                           for o in kernel.bind(*args, **params, implementation="native")]
+        # nvcc may fuse multiplies and adds differently once beta is a constant: the last bit
+        # can differ (measured on an H100), so the two are compared to the tolerance.
         for fixed, general in zip(outs["1"], outs["0"]):
-            np.testing.assert_array_equal(fixed, general, err_msg=kernel.name)
+            assert_close(fixed, general, dtype, 1.0, err_msg=f"{kernel.name} general beta")
         for g, e in zip(outs["1"], kernel.call_reference(*args, **params)):
             assert_close(g, e, dtype, 2.0, err_msg=f"{kernel.name} default beta")
 

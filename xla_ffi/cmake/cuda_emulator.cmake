@@ -29,7 +29,9 @@ jaxmps_library(jaxmps_cuda_emu "cuda_emu")
 target_include_directories(jaxmps_cuda_emu PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/cuda)
 target_include_directories(jaxmps_cuda_emu SYSTEM PRIVATE ${JAXMPS_CUDA_HEADERS})
 target_compile_definitions(jaxmps_cuda_emu PRIVATE JAXMPS_CUDA_EMU)
-# -O1: quick to build; every emulated thread runs the kernel code. No -ffast-math.
-target_compile_options(jaxmps_cuda_emu PRIVATE -O1 -Wall -Wno-unknown-pragmas)
+# -O1: quick to build; every emulated thread runs the kernel code. No -ffast-math, and no fused
+# multiply-adds on any host (-ffp-contract=off): the emulator's arithmetic is the source's, the
+# same on every machine (test_compiled_beta_kernels compares two kernels' bits).
+target_compile_options(jaxmps_cuda_emu PRIVATE -O1 -ffp-contract=off -Wall -Wno-unknown-pragmas)
 find_package(Threads REQUIRED)
 target_link_libraries(jaxmps_cuda_emu PRIVATE Threads::Threads)

@@ -125,7 +125,9 @@ constexpr int kRuntimeBeta = -1;
 // squarings and quarter roots are still predicated per element (~18 instructions for beta 5,
 // the form's flags re-tested because predicate registers are few). kQ >= 0 compiles the form
 // beta = kQ / 4 in (Compiled): 1/t^5 is then one MUFU.RCP and three multiplies. The products
-// are the same operations in the same order either way: the two give the same bits.
+// are the same operations in the same order either way, but nvcc may fuse multiplies and adds
+// around them differently once beta is a constant: on an H100 the two differ in the last bit
+// (each is still bitwise repeatable; the emulator, which fuses nothing, gives equal bits).
 template <typename A, int kQ = kRuntimeBeta>
 struct NegPower {
   static constexpr int kMaxWhole = 15;  // 1/t to the whole power by four squarings

@@ -187,7 +187,7 @@ ffi::Error TryLaneWindow(std::string_view op, cudaStream_t stream, int64_t rows,
 #endif
   const int64_t blocks = CeilDiv(p.vectors, int64_t(LaneUnroll<kGrad>()) * kLaneThreads);
   const char* what = kGrad ? "the lane window gradient kernel" : "the lane window forward kernel";
-  // The op's default beta (MPS's 5) compiled in when it is the one asked for (same bits).
+  // The op's default beta (MPS's 5) compiled in when it is the one asked for.
   const bool compiled = !std::is_same_v<A, double> && UseCompiledBeta(pol);
 #ifdef JAXMPS_CUDA_EMU
   if (compiled) ++compiled_beta_launches;
