@@ -142,6 +142,28 @@ def test_streaming_window_lanes_per_cta(monkeypatch, op, dtype, lanes, default_b
     _compare(op, x, True, (5, 5), dtype, scale=2.0, **overrides)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("window", [3, 5, 7])
+def test_streaming_spatial_gradient_four_lanes(monkeypatch, window, channels_last, dtype):
+    """JAXMPS_CUDA_STREAM_GRAD_VW=4: the compiled-form spatial gradient with four lanes per
+    thread (NHWC; NCHW keeps one lane per thread)."""
+    monkeypatch.setenv("JAXMPS_CUDA_STREAM_GRAD_VW", "4")
+    x = _image((2, 23, 41, 24), dtype, channels_last, seed=12)
+    _compare("spatial_norm", x, channels_last, (window, window), dtype, scale=2.0,
+             beta=DEFAULT_BETA["spatial_norm"])
+
+
+@pytest.mark.parametrize("balanced", ["0", "1"])
+@pytest.mark.parametrize("op", ["spatial_norm", "local_contrast_norm"])
+def test_streaming_window_strip_widths(monkeypatch, op, balanced):
+    """NHWC strips as wide as 256 threads allow with a narrow last one (default) or of equal
+    width (JAXMPS_CUDA_STREAM_BALANCED=1): 70 columns in three strips either way."""
+    monkeypatch.setenv("JAXMPS_CUDA_STREAM_BALANCED", balanced)
+    x = _image((1, 19, 70, 16), "float32", True, seed=13)
+    _compare(op, x, True, (5, 5), "float32", scale=2.0)
+
+
 @pytest.mark.parametrize("window", [(1, 3), (2, 1)], ids=str)
 def test_streaming_window_register_ring_short_windows(window):
     """2-byte scalars (float16 NCHW) read ahead through a register ring of K rows, K the

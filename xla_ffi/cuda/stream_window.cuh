@@ -223,6 +223,22 @@ inline int StreamLanesKnob() {
   return v == 1 || v == 2 || v == 4 || v == 8 || v == 16 ? v : 0;
 }
 
+// JAXMPS_CUDA_STREAM_GRAD_VW=4: four lanes per thread (one 16-byte float32 vector) in the
+// spatial gradient's compiled-form kernels, at 2 CTAs per SM, instead of two: the per-row work
+// (addresses, ring indices, barrier) over twice the lanes, against more registers. For
+// benchmarks; 2 by default.
+inline int StreamGradientLanesKnob() {
+  const char* knob = std::getenv("JAXMPS_CUDA_STREAM_GRAD_VW");
+  return knob != nullptr && std::string_view(knob) == "4" ? 4 : 2;
+}
+
+// JAXMPS_CUDA_STREAM_BALANCED=1: NHWC strips of equal width (see PlanStreamWindow), for
+// benchmarks; by default strips as wide as the CTA allows (the last one narrow).
+inline bool StreamBalancedKnob() {
+  const char* knob = std::getenv("JAXMPS_CUDA_STREAM_BALANCED");
+  return knob != nullptr && std::string_view(knob) == "1";
+}
+
 template <typename T, typename A, int VW, int NR, int K>
 using RowPipe = std::conditional_t<(int(sizeof(T)) * VW >= kAsyncCopyMinBytes),
                                    AsyncRowPipe<T, A, VW, NR>, RegisterRowPipe<T, A, VW, NR, K>>;
@@ -288,7 +304,7 @@ constexpr int kStreamWideThreads = 256;
 
 template <typename Policy, bool kGrad, int VW>
 constexpr int StreamMinBlocks() {
-  return VW == 1 ? 1 : kGrad && Policy::kGS > 1 ? 2 : 3;
+  return VW == 1 ? 1 : kGrad && (Policy::kGS > 1 || VW > 2) ? 2 : 3;
 }
 
 // K: the window height (compiled: the rings' slots); K1: its width compiled in, or 0 (p.k1).
@@ -506,6 +522,14 @@ inline bool PlanStreamWindow(const int64_t (&dim)[3], const int64_t (&stride)[3]
       p.te * p.ch > (vw > 1 ? kStreamWideThreads : kStreamMaxThreads)) {
     return false;
   }
+  // Benchmarking knob: strips of equal width (lanes fastest: columns need not be a power of
+  // two): at W=64 a 5-wide forward's three strips are 22 + 21 + 21 output columns, 26 threads
+  // wide, not 28 + 28 + 8 in strips of 32 (78 columns computed for 64 instead of 96), against
+  // fewer threads per CTA. Not yet timed on a GPU.
+  if (p.lanes_fast && p.te > 1 && StreamBalancedKnob()) {
+    const int64_t strips = CeilDiv(dim[1], int64_t(p.te - halo));
+    p.te = int(CeilDiv(dim[1], strips)) + halo;
+  }
   p.te_shift = 0, p.ch_shift = 0;
   for (int v = p.te; v > 1; v >>= 1) ++p.te_shift;
   for (int v = p.ch; v > 1; v >>= 1) ++p.ch_shift;
@@ -545,18 +569,26 @@ ffi::Error TryStreamWindow(std::string_view op, cudaStream_t stream, const int64
   } else {
     DeviceLimits limits;
     JAXMPS_RETURN_IF_ERROR(CurrentDeviceLimits(op, &limits));
-    // The gradient's rings hold three times the values: two lanes keep it within registers.
-    constexpr int kVW = kGrad ? 2 : 4;
-    const uintptr_t align = kVW * sizeof(T);
-    bool wide = stride[2] == 1 && dim[2] % kVW == 0 && image_stride % kVW == 0 &&
-                stride[0] % kVW == 0 && stride[1] % kVW == 0;
+    // Square windows of odd size 3..7 (MPS's default is 5 x 5) with the op's default beta:
+    // kernels with the width and the beta form compiled in (fewer instructions per element:
+    // no trip count or index arithmetic in the sums across, 1/t^5 in four instructions).
+    // Other windows and beta take the general kernels (values equal to the last bit).
+    const bool compiled = k1 == k0 && k0 % 2 == 1 && k0 >= 3 && UseCompiledBeta(pol);
+    // Lanes per thread: 4 forward; the gradient's rings hold three times the values, two lanes
+    // keep it within registers (4: a benchmarking knob, compiled spatial forms only).
+    constexpr bool kWideGradient = kGrad && Policy::kGS == 1;
+    const int want_vw =
+        !kGrad ? 4 : kWideGradient && compiled ? StreamGradientLanesKnob() : 2;
+    const uintptr_t align = want_vw * sizeof(T);
+    bool wide = stride[2] == 1 && dim[2] % want_vw == 0 && image_stride % want_vw == 0 &&
+                stride[0] % want_vw == 0 && stride[1] % want_vw == 0;
     for (const void* ptr : {static_cast<const void*>(x), static_cast<const void*>(dy),
                             static_cast<const void*>(out)})
       wide = wide && reinterpret_cast<uintptr_t>(ptr) % align == 0;
     StreamPlan p;
     wide = wide && PlanStreamWindow(dim, stride, image_stride, n, k0, k1, kGrad, int(sizeof(T)),
-                                    kVW, limits.sm_count, &p);
-    const int vw = wide ? kVW : 1;
+                                    want_vw, limits.sm_count, &p);
+    const int vw = wide ? want_vw : 1;
     if (!wide && !PlanStreamWindow(dim, stride, image_stride, n, k0, k1, kGrad, int(sizeof(T)),
                                    1, limits.sm_count, &p)) {
       return ffi::Error::Success();
@@ -571,11 +603,6 @@ ffi::Error TryStreamWindow(std::string_view op, cudaStream_t stream, const int64
     *ran = true;
     const char* what = kGrad ? "the streaming window gradient kernel"
                              : "the streaming window forward kernel";
-    // Square windows of odd size 3..7 (MPS's default is 5 x 5) with the op's default beta:
-    // kernels with the width and the beta form compiled in (fewer instructions per element:
-    // no trip count or index arithmetic in the sums across, 1/t^5 in four instructions).
-    // Other windows and beta take the general kernels; the values are the same bits.
-    const bool compiled = k1 == k0 && k0 % 2 == 1 && k0 >= 3 && UseCompiledBeta(pol);
 #ifdef JAXMPS_CUDA_EMU
     if (compiled) ++compiled_beta_launches;
 #endif
@@ -595,17 +622,26 @@ ffi::Error TryStreamWindow(std::string_view op, cudaStream_t stream, const int64
           default: return go(StreamWindowKernel<T, A, C, kGrad, 7, V, 7>, fixed);
         }
       }
-      switch (k0) {
-        case 1: return go(StreamWindowKernel<T, A, Policy, kGrad, 1, V, 0>, pol);
-        case 2: return go(StreamWindowKernel<T, A, Policy, kGrad, 2, V, 0>, pol);
-        case 3: return go(StreamWindowKernel<T, A, Policy, kGrad, 3, V, 0>, pol);
-        case 4: return go(StreamWindowKernel<T, A, Policy, kGrad, 4, V, 0>, pol);
-        case 5: return go(StreamWindowKernel<T, A, Policy, kGrad, 5, V, 0>, pol);
-        case 6: return go(StreamWindowKernel<T, A, Policy, kGrad, 6, V, 0>, pol);
-        default: return go(StreamWindowKernel<T, A, Policy, kGrad, 7, V, 0>, pol);
+      if constexpr (kGrad && V == 4) {  // compiled forms only (not reached otherwise)
+        return Internal(op, "no general 4-lane streaming gradient kernel");
+      } else {
+        switch (k0) {
+          case 1: return go(StreamWindowKernel<T, A, Policy, kGrad, 1, V, 0>, pol);
+          case 2: return go(StreamWindowKernel<T, A, Policy, kGrad, 2, V, 0>, pol);
+          case 3: return go(StreamWindowKernel<T, A, Policy, kGrad, 3, V, 0>, pol);
+          case 4: return go(StreamWindowKernel<T, A, Policy, kGrad, 4, V, 0>, pol);
+          case 5: return go(StreamWindowKernel<T, A, Policy, kGrad, 5, V, 0>, pol);
+          case 6: return go(StreamWindowKernel<T, A, Policy, kGrad, 6, V, 0>, pol);
+          default: return go(StreamWindowKernel<T, A, Policy, kGrad, 7, V, 0>, pol);
+        }
       }
     };
-    if (wide) return launch(std::integral_constant<int, kVW>{});
+    if (vw == 4) {
+      if constexpr (!kGrad || kWideGradient) return launch(std::integral_constant<int, 4>{});
+    }
+    if constexpr (kGrad) {
+      if (vw == 2) return launch(std::integral_constant<int, 2>{});
+    }
     return launch(std::integral_constant<int, 1>{});
   }
 }
