@@ -18,8 +18,8 @@
 #                  contrast; BENCH_LAYOUTS; no PyTorch) once per setting of a streaming-kernel
 #                  knob: SWEEP_KNOB (default JAXMPS_CUDA_STREAM_DEPTH, rows in flight; or
 #                  JAXMPS_CUDA_STREAM_LANES, lanes per CTA; JAXMPS_CUDA_COMPILED_BETA,
-#                  0 = no compiled beta forms; JAXMPS_CUDA_STREAM_BALANCED, 1 = equal-width
-#                  strips; JAXMPS_CUDA_STREAM_GRAD_VW, 4 = four-lane spatial gradient) unset
+#                  0 = no compiled beta forms; JAXMPS_CUDA_STREAM_BALANCED, 0 = full-width
+#                  strips; JAXMPS_CUDA_STREAM_GRAD_VW, 2 = two-lane spatial gradient) unset
 #                  (auto) and at each of SWEEP_VALUES (default 1 2 4 8)
 # Writes: env.txt, build.log (tail), selfcheck.json, pytest.log, bench.json, bench.log
 # (sweep: sweep_<knob>_<value>.json/.log).

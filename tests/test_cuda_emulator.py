@@ -145,10 +145,12 @@ def test_streaming_window_lanes_per_cta(monkeypatch, op, dtype, lanes, default_b
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
 @pytest.mark.parametrize("window", [3, 5, 7])
-def test_streaming_spatial_gradient_four_lanes(monkeypatch, window, channels_last, dtype):
-    """JAXMPS_CUDA_STREAM_GRAD_VW=4: the compiled-form spatial gradient with four lanes per
-    thread (NHWC; NCHW keeps one lane per thread)."""
-    monkeypatch.setenv("JAXMPS_CUDA_STREAM_GRAD_VW", "4")
+@pytest.mark.parametrize("lanes", ["2", "4"])
+def test_streaming_spatial_gradient_lanes_per_thread(monkeypatch, lanes, window, channels_last,
+                                                     dtype):
+    """The compiled-form spatial gradient with four lanes per thread (the default) or two
+    (JAXMPS_CUDA_STREAM_GRAD_VW=2); NCHW keeps one lane per thread."""
+    monkeypatch.setenv("JAXMPS_CUDA_STREAM_GRAD_VW", lanes)
     x = _image((2, 23, 41, 24), dtype, channels_last, seed=12)
     _compare("spatial_norm", x, channels_last, (window, window), dtype, scale=2.0,
              beta=DEFAULT_BETA["spatial_norm"])
@@ -157,8 +159,8 @@ def test_streaming_spatial_gradient_four_lanes(monkeypatch, window, channels_las
 @pytest.mark.parametrize("balanced", ["0", "1"])
 @pytest.mark.parametrize("op", ["spatial_norm", "local_contrast_norm"])
 def test_streaming_window_strip_widths(monkeypatch, op, balanced):
-    """NHWC strips as wide as 256 threads allow with a narrow last one (default) or of equal
-    width (JAXMPS_CUDA_STREAM_BALANCED=1): 70 columns in three strips either way."""
+    """NHWC strips of equal width (default) or as wide as 256 threads allow with a narrow last
+    one (JAXMPS_CUDA_STREAM_BALANCED=0): 70 columns in three strips either way."""
     monkeypatch.setenv("JAXMPS_CUDA_STREAM_BALANCED", balanced)
     x = _image((1, 19, 70, 16), "float32", True, seed=13)
     _compare(op, x, True, (5, 5), "float32", scale=2.0)
