@@ -146,12 +146,14 @@ def test_streaming_window_lanes_per_cta(monkeypatch, op, dtype, lanes, default_b
 @pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
 @pytest.mark.parametrize("window", [3, 5, 7])
 @pytest.mark.parametrize("lanes", ["2", "4"])
-def test_streaming_spatial_gradient_lanes_per_thread(monkeypatch, lanes, window, channels_last,
-                                                     dtype):
+@pytest.mark.parametrize("channels", [24, 6])
+def test_streaming_spatial_gradient_lanes_per_thread(monkeypatch, channels, lanes, window,
+                                                     channels_last, dtype):
     """The compiled-form spatial gradient with four lanes per thread (the default) or two
-    (JAXMPS_CUDA_STREAM_GRAD_VW=2); NCHW keeps one lane per thread."""
+    (JAXMPS_CUDA_STREAM_GRAD_VW=2); 6 channels do not split into four-lane vectors and take
+    two; NCHW keeps one lane per thread."""
     monkeypatch.setenv("JAXMPS_CUDA_STREAM_GRAD_VW", lanes)
-    x = _image((2, 23, 41, 24), dtype, channels_last, seed=12)
+    x = _image((2, 23, 41, channels), dtype, channels_last, seed=12)
     _compare("spatial_norm", x, channels_last, (window, window), dtype, scale=2.0,
              beta=DEFAULT_BETA["spatial_norm"])
 

@@ -197,13 +197,19 @@ struct NegPower {
   }
 };
 
+// The value of benchmarking knob (environment variable) `name`, "" when unset. Read at each
+// launch, so that one process can time several settings.
+inline std::string_view Knob(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr ? std::string_view() : std::string_view(value);
+}
+
 // Whether a window launch takes its policy's compiled beta form (Policy::Compiled: beta is the
 // op's MPS default). JAXMPS_CUDA_COMPILED_BETA=0 turns the compiled kernels off, so that a
 // benchmark can compare the two in one process.
 template <typename Policy>
 bool UseCompiledBeta(const Policy& pol) {
-  const char* knob = std::getenv("JAXMPS_CUDA_COMPILED_BETA");
-  return pol.Compilable() && !(knob != nullptr && std::string_view(knob) == "0");
+  return pol.Compilable() && Knob("JAXMPS_CUDA_COMPILED_BETA") != "0";
 }
 
 #ifdef JAXMPS_CUDA_EMU

@@ -737,8 +737,7 @@ inline int64_t SliceGroups(const StatsPlan& p, int64_t item_bytes, const DeviceL
 // knob JAXMPS_CUDA_STATS_PATH=cluster|chunked (KERNELS.md) asks for (cluster: no resident path;
 // chunked: neither resident nor cluster).
 inline StatsPath PreferredStatsPath() {
-  const char* knob = std::getenv("JAXMPS_CUDA_STATS_PATH");
-  const std::string_view v = knob == nullptr ? "" : knob;
+  const std::string_view v = Knob("JAXMPS_CUDA_STATS_PATH");
   if (v == "cluster") return StatsPath::kCluster;
   if (v == "chunked") return StatsPath::kChunked;
   return StatsPath::kResident;

@@ -229,16 +229,12 @@ inline int StreamLanesKnob() {
 // (benchmarks/gpu/sweep_grad_vw.json): spatial forward+backward float32 0.174 -> 0.168 ms,
 // bfloat16 0.176 -> 0.165. JAXMPS_CUDA_STREAM_GRAD_VW=2 restores two, for benchmarks.
 inline int StreamGradientLanesKnob() {
-  const char* knob = std::getenv("JAXMPS_CUDA_STREAM_GRAD_VW");
-  return knob != nullptr && std::string_view(knob) == "2" ? 2 : 4;
+  return Knob("JAXMPS_CUDA_STREAM_GRAD_VW") == "2" ? 2 : 4;
 }
 
 // JAXMPS_CUDA_STREAM_BALANCED=0: NHWC strips as wide as the CTA allows (the last one narrow),
 // for benchmarks; by default strips of equal width (see PlanStreamWindow).
-inline bool StreamBalancedKnob() {
-  const char* knob = std::getenv("JAXMPS_CUDA_STREAM_BALANCED");
-  return !(knob != nullptr && std::string_view(knob) == "0");
-}
+inline bool StreamBalancedKnob() { return Knob("JAXMPS_CUDA_STREAM_BALANCED") != "0"; }
 
 template <typename T, typename A, int VW, int NR, int K>
 using RowPipe = std::conditional_t<(int(sizeof(T)) * VW >= kAsyncCopyMinBytes),
@@ -579,21 +575,23 @@ ffi::Error TryStreamWindow(std::string_view op, cudaStream_t stream, const int64
     // Lanes per thread: 4 forward; the gradient's rings hold three times the values: two lanes
     // keep the general kernels within registers, the compiled spatial forms take four.
     constexpr bool kWideGradient = kGrad && Policy::kGS == 1;
-    const int want_vw =
-        !kGrad ? 4 : kWideGradient && compiled ? StreamGradientLanesKnob() : 2;
-    const uintptr_t align = want_vw * sizeof(T);
-    bool wide = stride[2] == 1 && dim[2] % want_vw == 0 && image_stride % want_vw == 0 &&
-                stride[0] % want_vw == 0 && stride[1] % want_vw == 0;
-    for (const void* ptr : {static_cast<const void*>(x), static_cast<const void*>(dy),
-                            static_cast<const void*>(out)})
-      wide = wide && reinterpret_cast<uintptr_t>(ptr) % align == 0;
+    // Several lanes need lanes contiguous and every axis and pointer aligned to them; a layout
+    // that does not allow the lanes wanted tries the next narrower count (4 -> 2 -> 1 for the
+    // gradient, 4 -> 1 forward).
     StreamPlan p;
-    wide = wide && PlanStreamWindow(dim, stride, image_stride, n, k0, k1, kGrad, int(sizeof(T)),
-                                    want_vw, limits.sm_count, &p);
-    const int vw = wide ? want_vw : 1;
-    if (!wide && !PlanStreamWindow(dim, stride, image_stride, n, k0, k1, kGrad, int(sizeof(T)),
-                                   1, limits.sm_count, &p)) {
-      return ffi::Error::Success();
+    auto plan = [&](int v) {
+      bool ok = v == 1 || (stride[2] == 1 && dim[2] % v == 0 && image_stride % v == 0 &&
+                           stride[0] % v == 0 && stride[1] % v == 0);
+      for (const void* ptr : {static_cast<const void*>(x), static_cast<const void*>(dy),
+                              static_cast<const void*>(out)})
+        ok = ok && reinterpret_cast<uintptr_t>(ptr) % (v * sizeof(T)) == 0;
+      return ok && PlanStreamWindow(dim, stride, image_stride, n, k0, k1, kGrad,
+                                    int(sizeof(T)), v, limits.sm_count, &p);
+    };
+    int vw = !kGrad ? 4 : kWideGradient && compiled ? StreamGradientLanesKnob() : 2;
+    while (!plan(vw)) {
+      if (vw == 1) return ffi::Error::Success();
+      vw = kGrad && vw == 4 ? 2 : 1;
     }
     constexpr int arrays = kStreamArrays<kGrad>;
     p.depth = StreamDepth(arrays * vw * int(sizeof(T)));

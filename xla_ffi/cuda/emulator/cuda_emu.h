@@ -42,9 +42,6 @@
 
 using std::sqrt;
 using std::pow;
-// CUDA's reciprocal square root (rsqrtf: MUFU.RSQ, within 2 ulp on a GPU; 1/sqrt here).
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline float __fdividef(float a, float b) { return a / b; }  // MUFU.RCP-based on a GPU
 
 // CUDA's device min/max (by value; both operands converted to their common type).
 template <typename A, typename B>
