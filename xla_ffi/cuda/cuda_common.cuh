@@ -312,6 +312,36 @@ __device__ __forceinline__ void CopyToSharedAsync(Vec<T, V>* dst, const T* src) 
   *dst = LoadVec<T, V>(src);
 }
 
+// CopyToSharedAsync of `src` when `copy`, else zeros into *dst, both without a branch: the
+// zero-fill form of cp.async (source size 0 reads nothing, so `src` may then point anywhere).
+// The streaming window kernels' rows outside the image are such zeros.
+template <typename T, int V>
+__device__ __forceinline__ void CopyOrZeroToSharedAsync(Vec<T, V>* dst, const T* src, bool copy) {
+  constexpr int kBytes = int(sizeof(T)) * V;
+#ifdef JAXMPS_CUDA_EMU
+  if constexpr (kBytes >= 4) {
+    emu::CopyAsync(dst, src, copy ? kBytes : 0, kBytes);
+    return;
+  }
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (kBytes >= 4) {
+    const unsigned d = unsigned(__cvta_generic_to_shared(dst));
+    const int src_bytes = copy ? kBytes : 0;
+    if constexpr (kBytes == 16) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                   "r"(src_bytes)
+                   : "memory");
+    } else {
+      asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src),
+                   "n"(kBytes), "r"(src_bytes)
+                   : "memory");
+    }
+    return;
+  }
+#endif
+  *dst = copy ? LoadVec<T, V>(src) : Vec<T, V>{};
+}
+
 __device__ __forceinline__ void CommitCopiesToShared() {
 #ifdef JAXMPS_CUDA_EMU
   emu::CommitCopies();

@@ -103,58 +103,82 @@ __host__ __device__ constexpr int PlannedStreamDepth(int bytes) {
   return depth < 2 ? 2 : depth > kStreamMaxDepth ? kStreamMaxDepth : depth;
 }
 
-template <typename T, typename A, int VW, int NR>
+// kSlots > 0 (the compiled-window kernels, kSlots = the window height K): a ring of K slots
+// with K - 1 rows in flight, so that the kernel's row loop, unrolled by K, names every slot
+// and the wait count at compile time: no ring indices, wrap-arounds or runtime wait (sm_90
+// SASS: ~40 of the spatial gradient's ~200 instructions per row step were this bookkeeping).
+// kSlots = 0: StreamPlan::depth + 1 slots, indices at run time.
+template <typename T, typename A, int VW, int NR, int kSlots>
 struct AsyncRowPipe : RowWalk<T, NR> {
   using TV = Vec<T, VW>;
   using AV = Vec<A, VW>;
   using W = RowWalk<T, NR>;
+  static_assert(kSlots == 0 || kSlots >= 2, "a fixed ring needs a row in flight");
   TV* ring;  // slot i of array a at ring[(i * NR + a) * threads + thread]
   int threads, depth, head, tail;
 
   __device__ void Init(unsigned char* shared, int threads_, int depth_, int64_t stride,
                        bool live_) {
     ring = reinterpret_cast<TV*>(shared);
-    threads = threads_, depth = depth_, W::row_stride = stride, W::live = live_;
+    threads = threads_, depth = kSlots > 0 ? kSlots - 1 : depth_, W::row_stride = stride,
+    W::live = live_;
   }
   __device__ TV& Slot(int i, int a) { return ring[(i * NR + a) * threads + int(threadIdx.x)]; }
-  __device__ void Issue() {
+  // Starts the copies of the next row of every array into `slot` (zeros for rows the walk
+  // does not read: no copy is then in flight to the slot either).
+  __device__ void IssueInto(int slot) {
 #pragma unroll
     for (int a = 0; a < NR; ++a) {
-      if (W::Wanted(a)) {
-        CopyToSharedAsync<L2Policy::kNormal, T, VW>(&Slot(tail, a), W::next[a]);
-      } else {
-        Slot(tail, a) = TV{};  // no copy to this slot is in flight: it was waited for
-      }
+      CopyOrZeroToSharedAsync<T, VW>(&Slot(slot, a), W::next[a], W::Wanted(a));
       W::Advance(a);
     }
     CommitCopiesToShared();  // one group per row, empty or not: the wait counts rows
-    tail = tail == depth ? 0 : tail + 1;
   }
   __device__ void Start(const T* const (&base)[NR], const int (&first)[NR],
                         const int (&lowest)[NR], int count, int rows) {
     W::Begin(base, first, lowest, count, rows);
-    head = 0, tail = 0;
-    for (int i = 0; i < depth; ++i) Issue();
-  }
-  // The next row of each array (`step` is unused: the ring index is runtime here).
-  __device__ void Next(int, AV (&out)[NR]) {
-    // The oldest of the `depth` rows in flight has landed. The planner's depth (the usual
-    // case) waits with a constant; the benchmarking knob's others through the switch of
-    // WaitCopiesToShared (a jump table: ~6 more instructions per row).
-    constexpr int kPlanned = PlannedStreamDepth(NR * VW * int(sizeof(T)));
-    if (depth == kPlanned) {
-      WaitCopiesToShared(kPlanned - 1);
+    if constexpr (kSlots > 0) {
+#pragma unroll
+      for (int i = 0; i < kSlots - 1; ++i) IssueInto(i);
     } else {
-      WaitCopiesToShared(depth - 1);
+      head = 0, tail = 0;
+      for (int i = 0; i < depth; ++i) {
+        IssueInto(tail);
+        ++tail;
+      }
     }
+  }
+  // The next row of each array; `step` is the kernel's unrolled row index (s mod K).
+  __device__ void Next(int step, AV (&out)[NR]) {
+    if constexpr (kSlots > 0) {
+      // Row s is in slot s mod K; K - 2 younger rows stay in flight. Row s + K - 1 goes into
+      // the slot read a step ago.
+      WaitCopiesToShared(kSlots - 2);
+      Read(step, out);
+      IssueInto((step + kSlots - 1) % kSlots);
+    } else {
+      // The oldest of the `depth` rows in flight has landed. The planner's depth (the usual
+      // case) waits with a constant; the benchmarking knob's others through the switch of
+      // WaitCopiesToShared (a jump table: ~6 more instructions per row).
+      constexpr int kPlanned = PlannedStreamDepth(NR * VW * int(sizeof(T)));
+      if (depth == kPlanned) {
+        WaitCopiesToShared(kPlanned - 1);
+      } else {
+        WaitCopiesToShared(depth - 1);
+      }
+      Read(head, out);
+      head = head == depth ? 0 : head + 1;
+      IssueInto(tail);
+      tail = tail == depth ? 0 : tail + 1;
+    }
+  }
+  __device__ void Read(int slot, AV (&out)[NR]) {
 #pragma unroll
     for (int a = 0; a < NR; ++a) {
-      const TV raw = Slot(head, a);
+      const TV raw = Slot(slot, a);
 #pragma unroll
       for (int e = 0; e < VW; ++e) out[a].v[e] = ToAcc(raw.v[e]);
     }
-    head = head == depth ? 0 : head + 1;
-    Issue();
   }
 };
 
@@ -236,9 +260,14 @@ inline int StreamGradientLanesKnob() {
 // for benchmarks; by default strips of equal width (see PlanStreamWindow).
 inline bool StreamBalancedKnob() { return Knob("JAXMPS_CUDA_STREAM_BALANCED") != "0"; }
 
-template <typename T, typename A, int VW, int NR, int K>
+// kFixed: the compiled-window kernels' fixed ring of K slots (AsyncRowPipe's kSlots = K).
+template <typename T, typename A, int VW, int NR, int K, bool kFixed>
 using RowPipe = std::conditional_t<(int(sizeof(T)) * VW >= kAsyncCopyMinBytes),
-                                   AsyncRowPipe<T, A, VW, NR>, RegisterRowPipe<T, A, VW, NR, K>>;
+                                   AsyncRowPipe<T, A, VW, NR, kFixed ? K : 0>,
+                                   RegisterRowPipe<T, A, VW, NR, K>>;
+
+// Rows in flight of the compiled-window kernels' fixed rings (window height k).
+inline int FixedStreamDepth(int k) { return k - 1; }
 
 // Arrays a streaming kernel reads row by row: x, and dy for the gradient.
 template <bool kGrad>
@@ -341,7 +370,7 @@ __global__ void __launch_bounds__(VW == 1 ? kStreamMaxThreads : kStreamWideThrea
   const int64_t row_stride = p.stride[0];
 
   constexpr int NR = kStreamArrays<kGrad>;
-  RowPipe<T, A, VW, NR, K> pipe;
+  RowPipe<T, A, VW, NR, K, (K1 > 0)> pipe;  // compiled widths: a fixed ring (K >= 3)
   pipe.Init(reinterpret_cast<unsigned char*>(fx + 2 * (NF + (kGrad ? NGS : 0)) * plane), plane,
             p.depth, row_stride, live);
   AV ring[K];  // x of the last K rows: row (r - i) in slot (j - i) mod K at unrolled step j
@@ -594,7 +623,7 @@ ffi::Error TryStreamWindow(std::string_view op, cudaStream_t stream, const int64
       vw = kGrad && vw == 4 ? 2 : 1;
     }
     constexpr int arrays = kStreamArrays<kGrad>;
-    p.depth = StreamDepth(arrays * vw * int(sizeof(T)));
+    p.depth = compiled ? FixedStreamDepth(k0) : StreamDepth(arrays * vw * int(sizeof(T)));
     const int64_t smem =
         2 * int64_t(Policy::kF + (kGrad ? Policy::kGS : 0)) * p.threads() * vw *
             int64_t(sizeof(A)) +

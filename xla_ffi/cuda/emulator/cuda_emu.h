@@ -158,11 +158,14 @@ struct PendingCopy {
 inline thread_local std::vector<std::vector<PendingCopy>> committed_copies;  // oldest first
 inline thread_local std::vector<PendingCopy> open_copies;
 
-inline void CopyAsync(void* dst, const void* src, int size) {
+// The first `src_size` bytes from src, the rest of `size` zeros (cp.async's zero fill: src is
+// not read at all when src_size is 0).
+inline void CopyAsync(void* dst, const void* src, int src_size, int size) {
   PendingCopy c{dst, {}, size};
-  std::memcpy(c.bytes, src, size_t(size));
+  if (src_size > 0) std::memcpy(c.bytes, src, size_t(src_size));
   open_copies.push_back(c);
 }
+inline void CopyAsync(void* dst, const void* src, int size) { CopyAsync(dst, src, size, size); }
 inline void CommitCopies() {
   committed_copies.push_back(std::move(open_copies));
   open_copies.clear();
