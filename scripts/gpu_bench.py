@@ -68,7 +68,7 @@ def main(argv: List[str]) -> int:
                     return status
                 with open(path) as f:
                     part = json.load(f)
-            for key in ("device", "backend", "jax"):
+            for key in ("device", "backend", "jax", "calls_per_program"):
                 merged[key] = part[key]
             merged["bandwidth_Bps"].append(part["bandwidth_Bps"])
             merged["results"] += part["results"]

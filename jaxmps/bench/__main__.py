@@ -30,8 +30,15 @@ def _parse(argv):
                    choices=["forward", "forward+backward"])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    p.add_argument("--calls", type=int, default=1,
+                   help="normalization op calls per timed program, on distinct inputs (times "
+                        "are per call; the roofline copy is also timed that way); default 1: "
+                        "one call per program and dispatch")
     p.add_argument("--json", metavar="PATH", help="write results as JSON to PATH")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.calls < 1:
+        p.error(f"--calls must be at least 1, got {args.calls}")
+    return args
 
 
 def device_name() -> str:
@@ -58,7 +65,8 @@ def main(argv=None) -> int:
     if args.family in ("norm", "all"):
         ops = [o for o in norm_cases.OPS if not args.ops or o in args.ops]
         all_cases += norm_cases.cases(shape, dtypes, args.layouts, args.modes, ops,
-                                      with_torch=not args.no_torch, torch_device=torch_device)
+                                      with_torch=not args.no_torch, torch_device=torch_device,
+                                      calls=args.calls)
     if args.family in ("conv", "all"):
         try:
             from . import conv_cases
@@ -71,7 +79,7 @@ def main(argv=None) -> int:
                 if not args.ops or c.op in args.ops]
     # The roofline copy moves as many bytes as one input tensor of the normalization cases, so
     # it sees the same level of the memory hierarchy as the ops do.
-    bandwidth = harness.copy_bandwidth(nbytes=4 * int(np.prod(shape)))
+    bandwidth = harness.copy_bandwidth(nbytes=4 * int(np.prod(shape)), calls=args.calls)
     results = harness.run_cases(all_cases, args.repeats, bandwidth, None)
     print(f"device: {device_name()}; jax {jax.__version__}; copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s (read+write)")
@@ -79,7 +87,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name(), "backend": backend, "jax": jax.__version__,
-                       "bandwidth_Bps": bandwidth, "results": results}, f, indent=1,
+                       "bandwidth_Bps": bandwidth, "calls_per_program": args.calls,
+                       "results": results}, f, indent=1,
                       default=str)
         print(f"wrote {args.json}")
     return 0

@@ -27,6 +27,7 @@ class Case:
     bytes: Optional[float] = None   # bytes the op must move (memory roofline model)
     flops: Optional[float] = None   # useful FLOPs (compute roofline model)
     note: str = ""
+    calls: int = 1                  # op calls per timed program (times are divided by it)
 
 
 def block(out):
@@ -63,10 +64,12 @@ def median_time(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3,
     return statistics.median(samples)
 
 
-def copy_ceilings(nbytes: int = 256 << 20, repeats: int = 20) -> Dict[str, float]:
+def copy_ceilings(nbytes: int = 256 << 20, repeats: int = 20, calls: int = 1
+                  ) -> Dict[str, float]:
     """Device memory bandwidths in bytes/s (bytes read + written) of copies of `nbytes`:
     a device-to-device copy (``jnp.copy`` into a new buffer: XLA cannot alias a non-donated
-    argument, so it copies), XLA's elementwise ``x + 1`` over the same bytes and, on a GPU
+    argument, so it copies), XLA's elementwise ``x + 1`` over the same bytes, with `calls` > 1
+    also `calls` copies of distinct arrays in one program (timed as the cases are) and, on a GPU
     with PyTorch present, ``torch.Tensor.copy_`` (cudaMemcpy)."""
     n = nbytes // 4
     x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.float32)
@@ -74,6 +77,10 @@ def copy_ceilings(nbytes: int = 256 << 20, repeats: int = 20) -> Dict[str, float
     inner = 10 if gpu else 1
     copies = {"jnp.copy": lambda f=jax.jit(jnp.copy): f(x),
               "x + 1": lambda f=jax.jit(lambda a: a + 1.0): f(x)}
+    if calls > 1:
+        xs = [jnp.array(x, copy=True) for _ in range(calls)]
+        many = jax.jit(lambda *a: [jnp.copy(v) for v in a])
+        copies[f"jnp.copy x{calls} in one program"] = lambda: many(*xs)
     if gpu:
         try:
             import torch
@@ -83,13 +90,14 @@ def copy_ceilings(nbytes: int = 256 << 20, repeats: int = 20) -> Dict[str, float
                 copies["torch copy_"] = lambda: dst.copy_(src)
         except ImportError:
             pass
-    return {name: 2 * n * 4 / median_time(copy, repeats=repeats, inner=inner)
+    per_call = {name: calls if "program" in name else 1 for name in copies}
+    return {name: 2 * n * 4 * per_call[name] / median_time(copy, repeats=repeats, inner=inner)
             for name, copy in copies.items()}
 
 
-def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 20) -> float:
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 20, calls: int = 1) -> float:
     """The fastest of copy_ceilings: the strictest roofline bandwidth."""
-    return max(copy_ceilings(nbytes, repeats).values())
+    return max(copy_ceilings(nbytes, repeats, calls).values())
 
 
 def run_cases(cases: List[Case], repeats: int, bandwidth: float, peak_flops: Optional[float]
@@ -100,12 +108,13 @@ def run_cases(cases: List[Case], repeats: int, bandwidth: float, peak_flops: Opt
         times = {}
         for impl, fn in case.impls.items():
             try:
-                times[impl] = median_time(fn, repeats=repeats, inner=inner)
+                times[impl] = median_time(fn, repeats=repeats, inner=inner) / case.calls
             except Exception as e:  # report, keep going (e.g. torch lacks a dtype)
                 times[impl] = None
                 case.note += f" {impl} failed: {type(e).__name__}: {e}"[:200]
         row = dataclasses.asdict(case)
         row.pop("impls")
+        row.pop("calls")
         row["times_s"] = times
         native, ref = times.get("native"), times.get("reference")
         row["speedup_vs_reference"] = ref / native if native and ref else None

@@ -94,8 +94,13 @@ def _torch_impl(op, mode, x_np, channels_last, device, dtype, dy_np):
 def cases(shape: Sequence[int], dtypes: Sequence[str], layouts: Sequence[str],
           modes: Sequence[str] = ("forward", "forward+backward"),
           ops: Sequence[str] = OPS, with_torch: bool = True,
-          torch_device: Optional[str] = None) -> List[Case]:
-    """Cases for (N, H, W, C) `shape` over ops x dtypes x layouts x modes."""
+          torch_device: Optional[str] = None, calls: int = 1) -> List[Case]:
+    """Cases for (N, H, W, C) `shape` over ops x dtypes x layouts x modes.
+
+    `calls` > 1: each timed program makes that many independent calls of the op on distinct
+    input arrays (one jit for JAX, a loop of calls for PyTorch), as the ops of a training step
+    share one dispatch; times are per call. With 1, each call is its own program and dispatch,
+    whose host overhead can exceed a short op's device time."""
     n, h, w, c = shape
     rng = np.random.default_rng(0)
     x_nhwc = rng.standard_normal((n, h, w, c)).astype(np.float32)
@@ -109,6 +114,9 @@ def cases(shape: Sequence[int], dtypes: Sequence[str], layouts: Sequence[str],
             # the reference's backward pass away.
             dy = jnp.asarray(rng.standard_normal(x_np.shape), dtype=dtype)
             g, b = jnp.ones(c), jnp.zeros(c)
+            # Distinct buffers per call: XLA cannot merge calls on different arguments.
+            xs = [x] + [jnp.array(x, copy=True) for _ in range(calls - 1)]
+            dys = [dy] + [jnp.array(dy, copy=True) for _ in range(calls - 1)]
             itemsize = np.dtype(jnp.dtype(dtype)).itemsize
             for op in ops:
                 for mode in modes:
@@ -116,27 +124,31 @@ def cases(shape: Sequence[int], dtypes: Sequence[str], layouts: Sequence[str],
                     for impl in ("native", "reference"):
                         f = op_function(op, layout, impl)
                         if mode == "forward":
-                            fn = jax.jit(lambda x, g, b, dy, f=f: f(x, g, b))
+                            def one(x, g, b, dy, f=f):
+                                return f(x, g, b)
                         else:
                             # Forward + backward as in a training step: y and the VJP for
                             # cotangent dy. Returning y too keeps XLA from dropping the
                             # reference's forward output (the roofline counts writing y).
-                            def fb(x, g, b, dy, f=f):
+                            def one(x, g, b, dy, f=f):
                                 y, vjp = jax.vjp(lambda v: f(v, g, b), x)
                                 return y, vjp(dy)[0]
-                            fn = jax.jit(fb)
-                        impls[impl] = (lambda fn=fn, x=x, g=g, b=b, dy=dy: fn(x, g, b, dy))
+                        fn = jax.jit(lambda xs, g, b, dys, one=one: [
+                            one(x, g, b, dy) for x, dy in zip(xs, dys)])
+                        impls[impl] = (lambda fn=fn, g=g, b=b: fn(xs, g, b, dys))
                     if with_torch:
                         try:
                             import torch  # noqa: F401
                             dev = torch_device or "cpu"
-                            impls["torch"] = _torch_impl(op, mode, x_nhwc, channels_last,
-                                                         dev, dtype, np.asarray(dy, np.float32))
+                            run = _torch_impl(op, mode, x_nhwc, channels_last, dev, dtype,
+                                              np.asarray(dy, np.float32))
+                            impls["torch"] = (run if calls == 1 else
+                                              lambda run=run: [run() for _ in range(calls)])
                         except ImportError:
                             pass
                     # Memory model (issue 4): forward reads x and writes y; forward+backward
                     # reads x twice, writes y and dx, reads dy.
                     passes = 2 if mode == "forward" else 5
                     result.append(Case(op, mode, tuple(x.shape), layout, dtype, impls,
-                                       bytes=passes * x.size * itemsize))
+                                       bytes=passes * x.size * itemsize, calls=calls))
     return result
