@@ -19,7 +19,8 @@
 #                  knob: SWEEP_KNOB (default JAXMPS_CUDA_STREAM_DEPTH, rows in flight; or
 #                  JAXMPS_CUDA_STREAM_LANES, lanes per CTA; JAXMPS_CUDA_COMPILED_BETA,
 #                  0 = no compiled beta forms; JAXMPS_CUDA_STREAM_BALANCED, 0 = full-width
-#                  strips; JAXMPS_CUDA_STREAM_GRAD_VW, 2 = two-lane spatial gradient) unset
+#                  strips; JAXMPS_CUDA_STREAM_GRAD_VW, 2 = two-lane spatial gradient;
+#                  JAXMPS_CUDA_RESIDENT_WAVES, 1..8 or l2, with SWEEP_OPS=instance_norm) unset
 #                  (auto) and at each of SWEEP_VALUES (default 1 2 4 8)
 # Writes: env.txt, build.log (tail), selfcheck.json, pytest.log, bench.json, bench.log
 # (sweep: sweep_<knob>_<value>.json/.log).

@@ -240,3 +240,61 @@ def test_refused_cooperative_launch_falls_back(device, op, shape):
         lib.jaxmps_cuda_emu_refuse_cooperative(0)
     for a, b in zip(resident, refused):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+# The resident path's waves (ResidentKernel, PlanResident): instance norm's images run in waves
+# of groups over all the CTAs, each wave with its own partial sums and grid barrier.
+SMALL_L2 = 5  # the cooperative device with a 64 KiB L2 (cuda_emu.cc)
+
+
+def _waves(nhwc, dtype, gradient, per_image=True):
+    n, h, w, c = nhwc
+    probe = _lib().jaxmps_cuda_stats_waves
+    probe.restype = ctypes.c_int64
+    return probe(
+        ctypes.c_int64(n), ctypes.c_int64(h), ctypes.c_int64(w), ctypes.c_int64(c), 1,
+        int(per_image), jnp.dtype(dtype).itemsize, int(gradient))
+
+
+@pytest.mark.parametrize("shape, dtype, knob, waves", [
+    ((4, 32, 40, 16), "float32", "1", 1),
+    ((4, 32, 40, 16), "float32", "2", 2),
+    ((4, 48, 48, 16), "bfloat16", "4", 4),
+    ((3, 32, 40, 16), "float32", "2", 2),  # the second wave has one group: 2 CTAs sit it out
+    ((3, 80, 79, 6), "float16", "3", 3),
+])
+def test_resident_waves_match_reference(device, monkeypatch, shape, dtype, knob, waves):
+    device(COOPERATIVE)
+    monkeypatch.setenv("JAXMPS_CUDA_RESIDENT_WAVES", knob)
+    for gradient in (False, True):
+        assert _plan(shape, True, dtype, gradient)[0] == RESIDENT
+        assert _waves(shape, dtype, gradient) == waves
+    x = _image(shape, dtype, True, seed=14) * 2.0 + 5.0
+    _compare("instance_norm", x, True, (3, 3), dtype, scale=2.0 if dtype == "float32" else 1.0)
+    # One wave (all groups at once) gives the same results to rounding; batch norm has one
+    # group and ignores the knob.
+    waved = _outputs("instance_norm", x, True)
+    monkeypatch.setenv("JAXMPS_CUDA_RESIDENT_WAVES", "1")
+    assert _waves(shape, dtype, True) == 1
+    tol = 2e-5 if dtype == "float32" else 1e-2
+    for a, b in zip(waved, _outputs("instance_norm", x, True)):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+    monkeypatch.setenv("JAXMPS_CUDA_RESIDENT_WAVES", knob)
+    assert _waves(shape, dtype, True, per_image=False) == 1
+
+
+def test_resident_waves_auto_rule_follows_l2(device, monkeypatch):
+    """"l2": as few waves as keep one wave's streamed rows within 3/4 of L2. With a 64 KiB L2
+    the 4 x 16 x 32 x 16 float32 gradient (4 images of 64 KiB of x and dy, each on one CTA
+    that keeps ~52 of them) takes two (4 images stream ~50 KiB, 2 ~25 KiB); with the H100's
+    50 MiB, one. Unset, the knob means one wave."""
+    shape = (4, 16, 32, 16)
+    monkeypatch.setenv("JAXMPS_CUDA_RESIDENT_WAVES", "l2")
+    device(COOPERATIVE)
+    assert _waves(shape, "float32", True) == 1
+    device(SMALL_L2)
+    assert _waves(shape, "float32", True) == 2
+    x = _image(shape, "float32", True, seed=15) * 2.0 + 5.0
+    _compare("instance_norm", x, True, (3, 3), "float32", scale=2.0)
+    monkeypatch.delenv("JAXMPS_CUDA_RESIDENT_WAVES")
+    assert _waves(shape, "float32", True) == 1

@@ -108,7 +108,11 @@ __device__ __forceinline__ int64_t RowsBelow(int64_t first, int64_t end, int64_t
 
 // Forward (kGrad = false: out = y, fp's statistics written) or gradient (out = dx, gp's sums
 // written) of the groups of plan p (path kResident), in one cooperative launch of p.blocks()
-// CTAs: CTA b holds part b % p.chunks of group b / p.chunks. `partial`: 2 * blocks * C sums.
+// CTAs, in waves of p.slice_groups groups: in wave w, CTA b holds part b % p.chunks of group
+// w * p.slice_groups + b / p.chunks (nothing past the last group). Several waves when one
+// wave's rows beyond shared memory would not fit in L2 (PlanResident): each wave's apply then
+// re-reads its streamed rows from L2 rather than DRAM, for one grid barrier more per wave.
+// `partial`: 2 * blocks * C sums per wave.
 template <typename T, typename A, int V, bool kGrad>
 __global__ void __launch_bounds__(kResidentThreads, 1)
     ResidentKernel(StatsPlan p, const T* __restrict__ x, const T* __restrict__ dy,
@@ -119,166 +123,183 @@ __global__ void __launch_bounds__(kResidentThreads, 1)
   const int lane = t % lanes, phase = t / lanes;
   const bool active = phase < step;
   const int64_t c = p.c, blocks = gridDim.x, b = blockIdx.x;
-  const int64_t g = b / p.chunks, part = b % p.chunks;
+  const int64_t part = b % p.chunks;
   const int64_t r0 = min(p.rows, part * p.chunk_rows), r1 = min(p.rows, r0 + p.chunk_rows);
   const int64_t rs = max(r0, r1 - p.resident_rows);  // rows [rs, r1) stay in shared memory
-  const int64_t group_base = g * p.rows * c;          // element (row 0, channel 0) of group g
-  const int64_t base = group_base + lane * V;         // element (row 0, this lane's channels)
-  const int64_t stat0 = p.per_image ? g * c : 0;      // statistic of channel 0
   const int64_t tile_rows = p.resident_rows;
   auto tile_at = [&](int64_t r, int array) -> Vec<T, V>& {
     return sh.tile[(array * tile_rows + (r - rs)) * lanes + lane];
   };
+  for (int64_t wave = 0, g0 = 0; g0 < p.groups; ++wave, g0 += p.slice_groups) {
+    // The group is CTA-uniform, so CTAs past the last group skip whole phases (and their
+    // __syncthreads) but still take every grid barrier.
+    const int64_t g = g0 + b / p.chunks;
+    const bool in_wave = g < p.groups;
+    A* const wave_partial = partial + wave * 2 * blocks * c;
+    const int64_t group_base = g * p.rows * c;  // element (row 0, channel 0) of group g
+    const int64_t base = group_base + lane * V; // element (row 0, this lane's channels)
+    const int64_t stat0 = p.per_image ? g * c : 0;  // statistic of channel 0
+    // Partial sums of the group's first CTA in this wave's table.
+    const int64_t first_of_group = (b / p.chunks) * p.chunks;
 
-  // ---- 1. partial sums over the CTA's rows; the back rows are kept in shared memory ----------
-  A ref[V], rstd[V];
-#pragma unroll
-  for (int e = 0; e < V; ++e) {
-    const int64_t k = stat0 + lane * V + e;
-    if constexpr (kGrad) {
-      ref[e] = gp.mean[k];
-      rstd[e] = RstdOf(gp, k);
-    } else {
-      ref[e] = ToAcc(x[base + e]);  // shift: row 0 of the group (see PartialKernel)
-      rstd[e] = A(1);
-    }
-  }
-  A acc[2][V] = {};
-  Vec<T, V> xv[kResidentUnroll], gv[kResidentUnroll];
-  auto add = [&](int64_t, int u) {
+    // ---- 1. partial sums over the CTA's rows; the back rows are kept in shared memory ------
+    Vec<T, V> xv[kResidentUnroll], gv[kResidentUnroll];
+    A ref[V], rstd[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) {
+      ref[e] = A(0), rstd[e] = A(1);
+      if (!in_wave) continue;
+      const int64_t k = stat0 + lane * V + e;
       if constexpr (kGrad) {
-        const A gg = ToAcc(gv[u].v[e]);
-        acc[0][e] += gg;
-        acc[1][e] += gg * (ToAcc(xv[u].v[e]) - ref[e]) * rstd[e];
+        ref[e] = gp.mean[k];
+        rstd[e] = RstdOf(gp, k);
       } else {
-        const A d = ToAcc(xv[u].v[e]) - ref[e];
-        acc[0][e] += d;
-        acc[1][e] += d * d;
+        ref[e] = ToAcc(x[base + e]);  // shift: row 0 of the group (see PartialKernel)
+        rstd[e] = A(1);
       }
     }
-  };
-  auto load_global = [&](int64_t r, int u) {
-    xv[u] = LoadVec<T, V>(x + base + r * c);
-    if constexpr (kGrad) gv[u] = LoadVec<T, V>(dy + base + r * c);
-  };
-  auto load_kept = [&](int64_t r, int u) {
-    xv[u] = tile_at(r, 0);
-    if constexpr (kGrad) gv[u] = tile_at(r, 1);
-  };
-  const int64_t kept = RowsBelow(rs + phase, r1, step);
-  if (active) {
-    // The kept rows go straight to shared memory, all of them in flight at once, while the
-    // streamed rows are summed from registers (and are the most recent reads when the apply
-    // re-reads them from L2). Evict-first: the kept rows are never re-read from global memory,
-    // so they should not take L2 space from the streamed rows (measured on an H200 at N=32,
-    // 64x64, C=128: DRAM bytes unchanged within 1%, L2 already kept what it could; the hint
-    // states the intent and costs nothing).
-    constexpr L2Policy kOnce = L2Policy::kEvictFirst;
-    for (int64_t m = 0, r = rs + phase; m < kept; ++m, r += step) {
-      CopyToSharedAsync<kOnce, T, V>(&tile_at(r, 0), x + base + r * c);
-      if constexpr (kGrad) CopyToSharedAsync<kOnce, T, V>(&tile_at(r, 1), dy + base + r * c);
-    }
-    SweepRows(r0 + phase, RowsBelow(r0 + phase, rs, step), step, load_global, add);
-    WaitAllCopiesToShared();
-    SweepRows(rs + phase, kept, step, load_kept, add);
-  }
-
-  // CTA totals: a fixed pairwise tree over the row phases (log2(step) roundings deep: a
-  // running sum over up to 512 phases measurably drifted from the reference in float32),
-  // then the CTA's partials.
-  for (int s = 0; s < 2; ++s) {
-    if (active) {
+    A acc[2][V] = {};
+    auto add = [&](int64_t, int u) {
 #pragma unroll
-      for (int e = 0; e < V; ++e) sh.red[t * V + e] = acc[s][e];  // = red[phase * c + slot]
-    }
-    __syncthreads();
-    for (int len = step; len > 1;) {
-      const int half = (len + 1) / 2;
-      for (int64_t i = t; i < int64_t(len - half) * c; i += kResidentThreads) {
-        sh.red[i] += sh.red[i + half * c];
+      for (int e = 0; e < V; ++e) {
+        if constexpr (kGrad) {
+          const A gg = ToAcc(gv[u].v[e]);
+          acc[0][e] += gg;
+          acc[1][e] += gg * (ToAcc(xv[u].v[e]) - ref[e]) * rstd[e];
+        } else {
+          const A d = ToAcc(xv[u].v[e]) - ref[e];
+          acc[0][e] += d;
+          acc[1][e] += d * d;
+        }
+      }
+    };
+    auto load_global = [&](int64_t r, int u) {
+      xv[u] = LoadVec<T, V>(x + base + r * c);
+      if constexpr (kGrad) gv[u] = LoadVec<T, V>(dy + base + r * c);
+    };
+    auto load_kept = [&](int64_t r, int u) {
+      xv[u] = tile_at(r, 0);
+      if constexpr (kGrad) gv[u] = tile_at(r, 1);
+    };
+    const int64_t kept = RowsBelow(rs + phase, r1, step);
+    if (in_wave) {
+      if (active) {
+        // The kept rows go straight to shared memory, all of them in flight at once, while the
+        // streamed rows are summed from registers (and are the most recent reads when the apply
+        // re-reads them from L2). Evict-first: the kept rows are never re-read from global memory,
+        // so they should not take L2 space from the streamed rows (measured on an H200 at N=32,
+        // 64x64, C=128: DRAM bytes unchanged within 1%, L2 already kept what it could; the hint
+        // states the intent and costs nothing).
+        constexpr L2Policy kOnce = L2Policy::kEvictFirst;
+        for (int64_t m = 0, r = rs + phase; m < kept; ++m, r += step) {
+          CopyToSharedAsync<kOnce, T, V>(&tile_at(r, 0), x + base + r * c);
+          if constexpr (kGrad) CopyToSharedAsync<kOnce, T, V>(&tile_at(r, 1), dy + base + r * c);
+        }
+        SweepRows(r0 + phase, RowsBelow(r0 + phase, rs, step), step, load_global, add);
+        WaitAllCopiesToShared();
+        SweepRows(rs + phase, kept, step, load_kept, add);
+      }
+
+      // CTA totals: a fixed pairwise tree over the row phases (log2(step) roundings deep: a
+      // running sum over up to 512 phases measurably drifted from the reference in float32),
+      // then the CTA's partials.
+      for (int s = 0; s < 2; ++s) {
+        if (active) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) sh.red[t * V + e] = acc[s][e];  // = red[phase * c + slot]
+        }
+        __syncthreads();
+        for (int len = step; len > 1;) {
+          const int half = (len + 1) / 2;
+          for (int64_t i = t; i < int64_t(len - half) * c; i += kResidentThreads) {
+            sh.red[i] += sh.red[i + half * c];
+          }
+          __syncthreads();
+          len = half;
+        }
+        for (int64_t slot = t; slot < c; slot += kResidentThreads) {
+          wave_partial[(s * blocks + b) * c + slot] = sh.red[slot];
+        }
+        __syncthreads();
+      }
+    }  // in_wave
+
+    GridSync();
+
+    if (in_wave) {
+      // ---- 2. the group's statistics: its CTAs' partials in order, the same in every CTA ----
+      const int64_t quarters = ResidentQuarters(p);
+      for (int64_t i = t; i < quarters * c; i += kResidentThreads) {
+        const int64_t q = i / c, slot = i % c;
+        const int64_t j0 = q * p.chunks / quarters, j1 = (q + 1) * p.chunks / quarters;
+        // Loads in batches of kBatch (one L2 round trip each), added in order.
+        constexpr int kBatch = 8;
+        const A* p0 = wave_partial + first_of_group * c + slot;
+        const A* p1 = wave_partial + (blocks + first_of_group) * c + slot;
+        A s0 = 0, s1 = 0;
+        int64_t j = j0;
+        for (; j + kBatch <= j1; j += kBatch) {
+          A v0[kBatch], v1[kBatch];
+#pragma unroll
+          for (int u = 0; u < kBatch; ++u) {
+            v0[u] = LoadCoherent(p0 + (j + u) * c);
+            v1[u] = LoadCoherent(p1 + (j + u) * c);
+          }
+#pragma unroll
+          for (int u = 0; u < kBatch; ++u) {
+            s0 += v0[u];
+            s1 += v1[u];
+          }
+        }
+        for (; j < j1; ++j) {
+          s0 += LoadCoherent(p0 + j * c);
+          s1 += LoadCoherent(p1 + j * c);
+        }
+        sh.fin[i] = s0;
+        sh.fin[quarters * c + i] = s1;
       }
       __syncthreads();
-      len = half;
-    }
-    for (int64_t slot = t; slot < c; slot += kResidentThreads) {
-      partial[(s * blocks + b) * c + slot] = sh.red[slot];
-    }
-    __syncthreads();
-  }
-
-  GridSync();
-
-  // ---- 2. the group's statistics: its CTAs' partials in order, the same in every CTA ----------
-  const int64_t quarters = ResidentQuarters(p);
-  for (int64_t i = t; i < quarters * c; i += kResidentThreads) {
-    const int64_t q = i / c, slot = i % c;
-    const int64_t j0 = q * p.chunks / quarters, j1 = (q + 1) * p.chunks / quarters;
-    // Loads in batches of kBatch (one L2 round trip each), added in order.
-    constexpr int kBatch = 8;
-    const A* p0 = partial + (g * p.chunks) * c + slot;
-    const A* p1 = partial + (blocks + g * p.chunks) * c + slot;
-    A s0 = 0, s1 = 0;
-    int64_t j = j0;
-    for (; j + kBatch <= j1; j += kBatch) {
-      A v0[kBatch], v1[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        v0[u] = LoadCoherent(p0 + (j + u) * c);
-        v1[u] = LoadCoherent(p1 + (j + u) * c);
+      ForwardParams<A> fp_own = fp;
+      GradientParams<A> gp_own = gp;
+      if (part != 0) {  // the group's first CTA writes the statistics outputs
+        fp_own.mean_out = nullptr;
+        gp_own.sum_g_out = nullptr;
       }
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        s0 += v0[u];
-        s1 += v1[u];
+      for (int64_t slot = t; slot < c; slot += kResidentThreads) {
+        A s0 = 0, s1 = 0;
+        for (int64_t q = 0; q < quarters; ++q) {
+          s0 += sh.fin[q * c + slot];
+          s1 += sh.fin[(quarters + q) * c + slot];
+        }
+        const int64_t k = stat0 + slot;
+        if constexpr (kGrad) {
+          sh.coef[slot] = GradientCoef(p, gp_own, k, s0, s1);
+        } else {  // sums shifted by row 0 of the group, as on the chunked path
+          sh.coef[slot] =
+              ForwardCoefFromShiftedSums(p, fp_own, k, ToAcc(x[group_base + slot]), s0, s1);
+        }
       }
-    }
-    for (; j < j1; ++j) {
-      s0 += LoadCoherent(p0 + j * c);
-      s1 += LoadCoherent(p1 + j * c);
-    }
-    sh.fin[i] = s0;
-    sh.fin[quarters * c + i] = s1;
-  }
-  __syncthreads();
-  ForwardParams<A> fp_own = fp;
-  GradientParams<A> gp_own = gp;
-  if (part != 0) {  // the group's first CTA writes the statistics outputs
-    fp_own.mean_out = nullptr;
-    gp_own.sum_g_out = nullptr;
-  }
-  for (int64_t slot = t; slot < c; slot += kResidentThreads) {
-    A s0 = 0, s1 = 0;
-    for (int64_t q = 0; q < quarters; ++q) {
-      s0 += sh.fin[q * c + slot];
-      s1 += sh.fin[(quarters + q) * c + slot];
-    }
-    const int64_t k = stat0 + slot;
-    if constexpr (kGrad) {
-      sh.coef[slot] = GradientCoef(p, gp_own, k, s0, s1);
-    } else {  // sums shifted by row 0 of the group, as on the chunked path
-      sh.coef[slot] = ForwardCoefFromShiftedSums(p, fp_own, k, ToAcc(x[group_base + slot]), s0, s1);
-    }
-  }
-  __syncthreads();
+      __syncthreads();
+    }  // in_wave
 
-  // ---- 3. apply: the streamed rows newest first (L2), then the shared-memory rows ------------
-  if (!active) return;
-  Coef<A> cf[V];
+    // ---- 3. apply: the streamed rows newest first (L2), then the shared-memory rows --------
+    if (in_wave && active) {
+      Coef<A> cf[V];
 #pragma unroll
-  for (int e = 0; e < V; ++e) cf[e] = sh.coef[lane * V + e];
-  auto store = [&](int64_t r, int u) {
-    StoreVecStreaming<T, V>(out + base + r * c,
-                            ApplyCoef<T, A, V, kGrad>(cf, xv[u], kGrad ? gv[u] : xv[u]));
-  };
-  // Streamed rows first, newest first, while L2 still holds them (measured on an H200: with
-  // the kept rows' outputs written first, the forward re-read 32 MB of x from DRAM).
-  const int64_t streamed = RowsBelow(r0 + phase, rs, step);
-  if (streamed > 0) {
-    SweepRows(r0 + phase + (streamed - 1) * step, streamed, -int64_t(step), load_global, store);
-  }
-  SweepRows(rs + phase, kept, step, load_kept, store);
+      for (int e = 0; e < V; ++e) cf[e] = sh.coef[lane * V + e];
+      auto store = [&](int64_t r, int u) {
+        StoreVecStreaming<T, V>(out + base + r * c,
+                                ApplyCoef<T, A, V, kGrad>(cf, xv[u], kGrad ? gv[u] : xv[u]));
+      };
+      // Streamed rows first, newest first, while L2 still holds them (measured on an H200: with
+      // the kept rows' outputs written first, the forward re-read 32 MB of x from DRAM).
+      const int64_t streamed = RowsBelow(r0 + phase, rs, step);
+      if (streamed > 0) {
+        SweepRows(r0 + phase + (streamed - 1) * step, streamed, -int64_t(step), load_global, store);
+      }
+      SweepRows(rs + phase, kept, step, load_kept, store);
+    }  // in_wave && active
+  }  // waves
 }
 
 // ---- host side ------------------------------------------------------------------------------
@@ -304,9 +325,26 @@ int64_t ResidentCapacity(const DeviceLimits& limits, int64_t smem) {
   return it->second;
 }
 
+// Waves of the resident path (JAXMPS_CUDA_RESIDENT_WAVES, for benchmarks): "l2" (the L2 rule
+// of PlanResident) or a count 1..kResidentMaxWaves; unset: 1.
+constexpr int64_t kResidentMaxWaves = 8;
+inline int64_t ResidentWavesKnob() {
+  const std::string_view v = Knob("JAXMPS_CUDA_RESIDENT_WAVES");
+  if (v == "l2") return 0;
+  const int64_t n = v.empty() ? 1 : std::atoi(v.data());  // getenv's string: terminated
+  return n >= 1 && n <= kResidentMaxWaves ? n : 1;
+}
+// The auto rule's share of L2 that one wave's streamed rows may take (the rest holds what the
+// kernel writes meanwhile, and other data).
+constexpr double kResidentL2Share = 0.75;
+
 // The resident plan for `base` (a statistics plan's shape fields) with vectors of `vec`
 // channels, if the device and shape allow it: NHWC, C a multiple of vec with at most
-// kResidentThreads vectors per row, cooperative launches, and a CTA per SM for every group.
+// kResidentThreads vectors per row, cooperative launches, and a CTA per SM for every group of
+// a wave. Instance norm's groups (images) may run in several waves, each spread over all the
+// CTAs (ResidentWavesKnob): with one wave, the rows beyond shared memory (the N=32, 64x64,
+// C=128 float32 gradient: 80% of x and dy) are re-read at apply from L2 only as far as L2
+// holds them, the rest from DRAM; a wave of fewer groups keeps more of each in shared memory.
 template <typename T, typename A>
 bool PlanResident(const StatsPlan& base, int vec, const DeviceLimits& limits, StatsPlan* out) {
   if (!base.channels_last || !limits.cooperative || base.c % vec != 0 ||
@@ -321,24 +359,48 @@ bool PlanResident(const StatsPlan& base, int vec, const DeviceLimits& limits, St
   p.groups = p.per_image ? p.n : 1;
   p.rows = p.per_image ? p.hw : p.n * p.hw;
   p.sums = 2;
-  p.group_begin = 0, p.group_end = p.slice_groups = p.groups;
+  p.group_begin = 0, p.group_end = p.groups;
   const int64_t row_bytes = p.c * int64_t(sizeof(T)) * p.arrays;
   const int64_t fixed = ResidentFixedBytes<T, A>(p);
   if (fixed >= limits.max_smem_per_block) return false;
-  p.resident_rows = (limits.max_smem_per_block - fixed) / row_bytes;
+  const int64_t max_resident_rows = (limits.max_smem_per_block - fixed) / row_bytes;
+  p.resident_rows = max_resident_rows;
   int64_t capacity = 0;
   (void)DispatchVector<T>(vec, [&](auto v) {
     constexpr int V = decltype(v)::value;
-    capacity = p.arrays == 2 ? ResidentCapacity<T, A, V, true>(limits, ResidentSharedBytes<T, A>(p))
-                             : ResidentCapacity<T, A, V, false>(limits, ResidentSharedBytes<T, A>(p));
+    const int64_t smem = ResidentSharedBytes<T, A>(p);
+    capacity = p.arrays == 2 ? ResidentCapacity<T, A, V, true>(limits, smem)
+                             : ResidentCapacity<T, A, V, false>(limits, smem);
     return ffi::Error::Success();
   });
-  const int64_t per_group = capacity / p.groups;
-  if (per_group < 1) return false;
-  p.chunks = std::max<int64_t>(
-      1, std::min(per_group, CeilDiv(p.rows, kResidentMinSteps * ResidentStep(p))));
-  p.chunk_rows = CeilDiv(p.rows, p.chunks);
-  p.resident_rows = std::min(p.resident_rows, p.chunk_rows);
+  // Waves of `wave_groups` groups: chunks per group, rows per chunk, rows kept per CTA.
+  auto shape = [&](int64_t wave_groups, StatsPlan* q) {
+    const int64_t per_group = capacity / wave_groups;
+    if (per_group < 1) return false;
+    q->slice_groups = wave_groups;
+    q->chunks = std::max<int64_t>(
+        1, std::min(per_group, CeilDiv(q->rows, kResidentMinSteps * ResidentStep(*q))));
+    q->chunk_rows = CeilDiv(q->rows, q->chunks);
+    q->resident_rows = std::min(max_resident_rows, q->chunk_rows);
+    return true;
+  };
+  // Bytes of one wave's rows that do not stay in shared memory (re-read at apply).
+  auto streamed = [&](const StatsPlan& q) {
+    return double(q.slice_groups) *
+           double(std::max<int64_t>(0, q.rows - q.chunks * q.resident_rows)) * double(row_bytes);
+  };
+  if (!shape(p.groups, &p)) return false;  // one wave must fit (else a cluster/chunked path)
+  const int64_t knob = ResidentWavesKnob();
+  int64_t waves = knob > 0 ? knob : 1;
+  if (knob == 0) {
+    while (waves < std::min(p.groups, kResidentMaxWaves) &&
+           streamed(p) > kResidentL2Share * double(limits.l2_bytes)) {
+      ++waves;
+      (void)shape(CeilDiv(p.groups, waves), &p);
+    }
+  } else {
+    (void)shape(CeilDiv(p.groups, std::min(waves, p.groups)), &p);
+  }
   *out = p;
   return true;
 }
@@ -354,7 +416,8 @@ ffi::Error LaunchResident(std::string_view op, cudaStream_t stream,
   const int64_t smem = ResidentSharedBytes<T, A>(p);
   JAXMPS_RETURN_IF_ERROR(AllowSharedMemory(op, kernel, smem));
   A* partial = nullptr;
-  JAXMPS_RETURN_IF_ERROR(AllocateScratch(scratch, op, 2 * p.blocks() * p.c, &partial));
+  JAXMPS_RETURN_IF_ERROR(
+      AllocateScratch(scratch, op, 2 * p.blocks() * p.c * p.slices(), &partial));  // per wave
   return LaunchCooperative(op, kGrad ? "the resident gradient kernel" : "the resident forward kernel",
                            kernel, p.blocks(), kResidentThreads, smem, stream, refused, p, x,
                            dy, out, fp, gp, partial);

@@ -68,7 +68,8 @@ struct StatsPlan {
   int sums = 1;                 // sums per channel reduced together (1 or 2)
   int arrays = 1;               // image arrays kept on chip (forward: x; gradient: dy and x)
   // The groups [group_begin, group_end) one launch covers: all of them, or (chunked) one slice
-  // of slice_groups consecutive groups (the last slice may be smaller).
+  // of slice_groups consecutive groups (the last slice may be smaller). The resident path's one
+  // launch covers all groups in waves of slice_groups (slices() waves).
   int64_t group_begin = 0, group_end = 0;
   int64_t slice_groups = 0;
   int64_t resident_rows = 0;    // resident path: rows each CTA keeps in shared memory
@@ -76,8 +77,10 @@ struct StatsPlan {
   __host__ __device__ bool on_chip() const { return path != StatsPath::kChunked; }
   __host__ __device__ int width() const { return lanes * vec; }   // channel slots reduced per CTA
   __host__ __device__ int64_t planes() const { return per_image ? 1 : n; }
-  // CTAs of one launch over the plan's groups [group_begin, group_end).
+  // CTAs of one launch over the plan's groups [group_begin, group_end) (resident: of one wave;
+  // its launch loops over the waves).
   __host__ __device__ int64_t blocks() const {
+    if (path == StatsPath::kResident) return slice_groups * chunks;
     return (group_end - group_begin) * (path == StatsPath::kFused ? 1 : chunks);
   }
   // The first statistic of group g; stat_of_group(groups) = stats. Consecutive groups hold

@@ -1,5 +1,6 @@
 // Test hooks of the CUDA libraries: jaxmps_cuda_stats_plan (the statistics path PlanStats
-// picks for an image shape on the current device), its vector width and its L2 slices.
+// picks for an image shape on the current device), its vector width, its L2 slices and the
+// resident path's waves.
 #include "stats.cuh"
 
 namespace jaxmps::cuda {
@@ -69,4 +70,16 @@ extern "C" __attribute__((visibility("default"))) int jaxmps_cuda_stats_vector(
     int gradient) {
   return jaxmps::cuda::ProbedField(n, h, w, c, channels_last, per_image, itemsize, gradient,
                                    [](const jaxmps::cuda::StatsPlan& p) { return p.vec; });
+}
+
+// The waves of that sweep's resident plan (ResidentKernel), 0 when it takes another path, -1 on
+// error.
+extern "C" __attribute__((visibility("default"))) int64_t jaxmps_cuda_stats_waves(
+    int64_t n, int64_t h, int64_t w, int64_t c, int channels_last, int per_image, int itemsize,
+    int gradient) {
+  using jaxmps::cuda::StatsPath, jaxmps::cuda::StatsPlan;
+  return jaxmps::cuda::ProbedField(n, h, w, c, channels_last, per_image, itemsize, gradient,
+                                   [](const StatsPlan& p) {
+                                     return p.path == StatsPath::kResident ? p.slices() : 0;
+                                   });
 }

@@ -26,6 +26,8 @@ const char* cudaGetErrorString(cudaError_t) { return "no error"; }
 // 64 KiB that launches cooperative kernels, so the resident path's whole grid (4 CTAs of 512
 // threads, one per SM) runs on host threads. The others report no cooperative launches: their
 // statistics sweeps keep the fused, cluster and chunked paths their tests are about.
+// 5 (resident waves, tests/test_cuda_emu_stats.py): device 4 with a 64 KiB L2, so that tiny
+// instance-norm sweeps already overflow it and the resident path's L2 rule plans waves.
 namespace {
 struct EmulatedDevice {
   int sms, smem_per_block, major, minor, l2_bytes, cooperative;
@@ -34,7 +36,8 @@ constexpr EmulatedDevice kDevices[] = {{132, 227 << 10, 9, 0, 50 << 20, 0},
                                        {132, 16 << 10, 9, 0, 50 << 20, 0},
                                        {108, 163 << 10, 8, 0, 40 << 20, 0},
                                        {0, 16 << 10, 9, 0, 1 << 20, 0},
-                                       {4, 64 << 10, 9, 0, 50 << 20, 1}};
+                                       {4, 64 << 10, 9, 0, 50 << 20, 1},
+                                       {4, 64 << 10, 9, 0, 64 << 10, 1}};
 int current_device = 0;
 }  // namespace
 
