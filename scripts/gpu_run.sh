@@ -7,6 +7,7 @@
 # the XLA FFI headers are vendored and pip runs with --no-index --no-build-isolation.
 #
 # Usage:  [BENCH_LAYOUTS="NHWC NCHW"] [BENCH_FAMILY=all|norm|conv] [JAXMPS_LIB_DIR=prebuilt]
+#         [PYTEST_WORKERS=8]
 #         scripts/gpu_run.sh [OUT_DIR] [MODE]
 #   OUT_DIR  where logs and results go (default benchmarks/gpu)
 #   MODE     full  (default) build + self-check + whole test suite + benchmark (normalization
@@ -75,7 +76,7 @@ if [ "$MODE" != bench ] && [ "$MODE" != sweep ]; then
   TESTS="tests"
   [ "$MODE" = quick ] && TESTS="tests/test_norm_native.py tests/test_norm_transforms.py tests/test_cuda_large.py"
   # shellcheck disable=SC2086
-  "$PY" -m pytest -q -n 8 -rfEs $TESTS > "$OUT/pytest.log" 2>&1 || status=1
+  "$PY" -m pytest -q -n "${PYTEST_WORKERS:-8}" -rfEs $TESTS > "$OUT/pytest.log" 2>&1 || status=1
   tail -15 "$OUT/pytest.log"
   unset JAXMPS_REQUIRE_NATIVE
 fi
