@@ -328,9 +328,9 @@ int64_t ResidentCapacity(const DeviceLimits& limits, int64_t smem) {
 // Waves of the resident path: by default (or JAXMPS_CUDA_RESIDENT_WAVES=l2) the L2 rule of
 // PlanResident; JAXMPS_CUDA_RESIDENT_WAVES=1..kResidentMaxWaves fixes the count, for
 // benchmarks. Measured on an H100 (N=32, 64x64, C=128, NHWC; benchmarks/gpu/sweep_waves.json):
-// float32 instance norm forward+backward 0.197 ms in one wave, 0.189 by the rule (two waves
-// for the gradient), 0.188 / 0.189 / 0.199 in 2 / 3 / 4; bfloat16 0.106 (one wave either way),
-// 0.112 / 0.133 / 0.156 in 2 / 3 / 4.
+// float32 instance norm forward+backward 0.197 ms in one wave, 0.189 by the rule, 0.188 /
+// 0.189 / 0.199 in 2 / 3 / 4; bfloat16 0.106 in one wave and by the rule, 0.112 / 0.133 /
+// 0.156 in 2 / 3 / 4.
 constexpr int64_t kResidentMaxWaves = 8;
 inline int64_t ResidentWavesKnob() {
   const std::string_view v = Knob("JAXMPS_CUDA_RESIDENT_WAVES");
