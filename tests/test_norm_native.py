@@ -189,6 +189,36 @@ def test_large_image_float32_accuracy():
         _compare(op, x, True, (7, 7), "float32", scale=5.0)
 
 
+def _cuda_resident_waves(nhwc, dtype, gradient):
+    """Waves of the CUDA library's resident plan for an NHWC instance norm sweep (0: another
+    path), from its test hook jaxmps_cuda_stats_waves."""
+    import ctypes
+    probe = ctypes.CDLL(str(jaxmps.backends()["cuda"].path)).jaxmps_cuda_stats_waves
+    probe.restype = ctypes.c_int64
+    n, h, w, c = nhwc
+    return probe(ctypes.c_int64(n), ctypes.c_int64(h), ctypes.c_int64(w), ctypes.c_int64(c), 1,
+                 1, jnp.dtype(dtype).itemsize, int(gradient))
+
+
+# CUDA's resident statistics path runs instance norm's images in waves inside one cooperative
+# launch (xla_ffi/cuda/resident_stats.cuh); the small images above take one. At the benchmark
+# shape the float32 gradient takes several by the default L2 rule: native against the reference
+# there, on CUDA also with one and three waves forced (JAXMPS_CUDA_RESIDENT_WAVES; the plan
+# says how many ran). Other backends have no waves and run the shape once.
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_instance_norm_in_resident_waves(monkeypatch, dtype):
+    shape = (32, 64, 64, 128)
+    x = _image(shape, dtype, True, seed=16) + 2.0
+    # dgamma / dbeta add 131072 terms per channel; some land near zero (float32: ~1e-4 off of
+    # sums of terms of magnitude ~1, against 4e-5 at the usual scale).
+    scale = 10.0 if dtype == "float32" else 1.0
+    for knob in ("l2", "1", "3") if FFI_PLATFORM == "cuda" else ("l2",):
+        monkeypatch.setenv("JAXMPS_CUDA_RESIDENT_WAVES", knob)
+        if FFI_PLATFORM == "cuda" and knob != "l2":
+            assert _cuda_resident_waves(shape, dtype, gradient=True) == int(knob)
+        _compare("instance_norm", x, True, (3, 3), dtype, scale=scale)
+
+
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_nan_and_inf_propagate(op):
     x = np.array(_image((1, 4, 4, 3), "float32", True))
