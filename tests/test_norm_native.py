@@ -202,8 +202,8 @@ def _cuda_resident_waves(nhwc, dtype, gradient):
 
 # CUDA's resident statistics path runs instance norm's images in waves inside one cooperative
 # launch (xla_ffi/cuda/resident_stats.cuh); the small images above take one. At the benchmark
-# shape the float32 gradient takes several by the default L2 rule: native against the reference
-# there, on CUDA also with one and three waves forced (JAXMPS_CUDA_RESIDENT_WAVES; the plan
+# shape the float32 gradient takes several by the L2 rule (JAXMPS_CUDA_RESIDENT_WAVES=l2):
+# native against the reference there, on CUDA also with one and three waves forced (the plan
 # says how many ran). Other backends have no waves and run the shape once.
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_instance_norm_in_resident_waves(monkeypatch, dtype):
