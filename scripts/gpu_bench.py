@@ -5,9 +5,10 @@ with timing suited to a GPU, one dtype and layout at a time.
   one wait at the end, divided by `INNER`, so the host's per-call dispatch and synchronisation
   (about 0.1 ms on the H200 host) overlap device work instead of being counted as part of it;
   the copy-bandwidth roofline is measured the same way.
-- ``jaxmps.bench`` is invoked once per (dtype, layout) and the results merged: its case builder
-  binds the input arrays late, so one invocation over several dtypes or layouts would time
-  every case on the last combination's data.
+- ``jaxmps.bench`` is invoked once per (dtype, layout) and the results merged, each invocation
+  with its own roofline copy (``bandwidth_Bps`` lists one per invocation). (An earlier case
+  builder bound its inputs late, which one invocation per combination also worked around;
+  ``tests/test_bench_calls.py`` now checks that cases keep their own inputs.)
 """
 
 from __future__ import annotations

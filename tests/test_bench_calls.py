@@ -38,3 +38,25 @@ def test_times_are_per_call(monkeypatch):
     assert row["times_s"]["native"] == pytest.approx(0.003)
     assert row["roofline_s"] == pytest.approx(0.01)
     assert "calls" not in row
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_each_case_runs_on_its_own_inputs(calls):
+    """Cases built over several dtypes and layouts time their own inputs, not the last
+    combination's (the inputs must be bound when the case is built)."""
+    built = norm_cases.cases((1, 4, 5, 3), ["float32", "bfloat16"], ["NHWC", "NCHW"],
+                             modes=["forward"], ops=["instance_norm"], with_torch=False,
+                             calls=calls)
+    assert len(built) == 4
+    for case in built:
+        for impl in ("native", "reference"):
+            for y in case.impls[impl]():
+                assert y.shape == case.shape and str(y.dtype) == case.dtype, (case, impl)
+
+
+def test_copy_ceilings_count_the_copies_of_a_program(monkeypatch):
+    """A program of K copies moves K times the bytes of one copy."""
+    monkeypatch.setattr(harness, "median_time", lambda fn, **kw: 1.0)
+    ceilings = harness.copy_ceilings(nbytes=1024, repeats=1, calls=3)
+    assert ceilings["jnp.copy"] == pytest.approx(2 * 1024)
+    assert ceilings["jnp.copy x3 in one program"] == pytest.approx(3 * 2 * 1024)

@@ -75,24 +75,24 @@ def copy_ceilings(nbytes: int = 256 << 20, repeats: int = 20, calls: int = 1
     x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.float32)
     gpu = jax.default_backend() == "gpu"
     inner = 10 if gpu else 1
-    copies = {"jnp.copy": lambda f=jax.jit(jnp.copy): f(x),
-              "x + 1": lambda f=jax.jit(lambda a: a + 1.0): f(x)}
+    # name: (fn, copies of nbytes that one fn() makes)
+    copies = {"jnp.copy": (lambda f=jax.jit(jnp.copy): f(x), 1),
+              "x + 1": (lambda f=jax.jit(lambda a: a + 1.0): f(x), 1)}
     if calls > 1:
         xs = [jnp.array(x, copy=True) for _ in range(calls)]
         many = jax.jit(lambda *a: [jnp.copy(v) for v in a])
-        copies[f"jnp.copy x{calls} in one program"] = lambda: many(*xs)
+        copies[f"jnp.copy x{calls} in one program"] = (lambda: many(*xs), calls)
     if gpu:
         try:
             import torch
             if torch.cuda.is_available():
                 src = torch.randn(n, device="cuda")
                 dst = torch.empty_like(src)
-                copies["torch copy_"] = lambda: dst.copy_(src)
+                copies["torch copy_"] = (lambda: dst.copy_(src), 1)
         except ImportError:
             pass
-    per_call = {name: calls if "program" in name else 1 for name in copies}
-    return {name: 2 * n * 4 * per_call[name] / median_time(copy, repeats=repeats, inner=inner)
-            for name, copy in copies.items()}
+    return {name: 2 * n * 4 * count / median_time(copy, repeats=repeats, inner=inner)
+            for name, (copy, count) in copies.items()}
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 20, calls: int = 1) -> float:

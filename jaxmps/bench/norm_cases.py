@@ -135,7 +135,9 @@ def cases(shape: Sequence[int], dtypes: Sequence[str], layouts: Sequence[str],
                                 return y, vjp(dy)[0]
                         fn = jax.jit(lambda xs, g, b, dys, one=one: [
                             one(x, g, b, dy) for x, dy in zip(xs, dys)])
-                        impls[impl] = (lambda fn=fn, g=g, b=b: fn(xs, g, b, dys))
+                        # Inputs bound now: a late-bound xs would be the last dtype/layout's.
+                        impls[impl] = (lambda fn=fn, xs=xs, g=g, b=b, dys=dys:
+                                       fn(xs, g, b, dys))
                     if with_torch:
                         try:
                             import torch  # noqa: F401
