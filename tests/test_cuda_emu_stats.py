@@ -17,7 +17,7 @@ import pytest
 
 from jaxmps._src.samples import kernel_calls
 from test_cuda_emulator import _compare, _run, _targets
-from test_norm_native import _image
+from test_norm_native import _image, resident_waves
 
 FUSED, CLUSTER, CHUNKED, RESIDENT = "fused", "cluster", "chunked", "resident"
 PATHS = {0: FUSED, 1: CLUSTER, 2: CHUNKED, 3: RESIDENT}
@@ -248,12 +248,7 @@ SMALL_L2 = 5  # the cooperative device with a 64 KiB L2 (cuda_emu.cc)
 
 
 def _waves(nhwc, dtype, gradient, per_image=True):
-    n, h, w, c = nhwc
-    probe = _lib().jaxmps_cuda_stats_waves
-    probe.restype = ctypes.c_int64
-    return probe(
-        ctypes.c_int64(n), ctypes.c_int64(h), ctypes.c_int64(w), ctypes.c_int64(c), 1,
-        int(per_image), jnp.dtype(dtype).itemsize, int(gradient))
+    return resident_waves(_lib(), nhwc, dtype, gradient, per_image)
 
 
 @pytest.mark.parametrize("shape, dtype, knob, waves", [

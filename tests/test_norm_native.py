@@ -4,6 +4,7 @@ that the native path really calls our custom call."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -189,15 +190,15 @@ def test_large_image_float32_accuracy():
         _compare(op, x, True, (7, 7), "float32", scale=5.0)
 
 
-def _cuda_resident_waves(nhwc, dtype, gradient):
-    """Waves of the CUDA library's resident plan for an NHWC instance norm sweep (0: another
-    path), from its test hook jaxmps_cuda_stats_waves."""
-    import ctypes
-    probe = ctypes.CDLL(str(jaxmps.backends()["cuda"].path)).jaxmps_cuda_stats_waves
+def resident_waves(lib, nhwc, dtype, gradient, per_image=True):
+    """Waves of the resident plan of an NHWC instance (or batch) norm sweep (0: another path)
+    from the test hook jaxmps_cuda_stats_waves of `lib`, a CUDA library or its emulator (the
+    plan is that of its current device)."""
+    probe = lib.jaxmps_cuda_stats_waves
     probe.restype = ctypes.c_int64
     n, h, w, c = nhwc
     return probe(ctypes.c_int64(n), ctypes.c_int64(h), ctypes.c_int64(w), ctypes.c_int64(c), 1,
-                 1, jnp.dtype(dtype).itemsize, int(gradient))
+                 int(per_image), jnp.dtype(dtype).itemsize, int(gradient))
 
 
 # CUDA's resident statistics path runs instance norm's images in waves inside one cooperative
@@ -212,10 +213,13 @@ def test_instance_norm_in_resident_waves(monkeypatch, dtype):
     # dgamma / dbeta add 131072 terms per channel; some land near zero (float32: ~1e-4 off of
     # sums of terms of magnitude ~1, against 4e-5 at the usual scale).
     scale = 10.0 if dtype == "float32" else 1.0
-    for knob in ("l2", "1", "3") if FFI_PLATFORM == "cuda" else ("l2",):
+    cuda = None
+    if FFI_PLATFORM == "cuda":
+        cuda = ctypes.CDLL(str(jaxmps.backends()["cuda"].path))
+    for knob in ("l2", "1", "3") if cuda is not None else ("l2",):
         monkeypatch.setenv("JAXMPS_CUDA_RESIDENT_WAVES", knob)
-        if FFI_PLATFORM == "cuda" and knob != "l2":
-            assert _cuda_resident_waves(shape, dtype, gradient=True) == int(knob)
+        if cuda is not None and knob != "l2":
+            assert resident_waves(cuda, shape, dtype, gradient=True) == int(knob)
         _compare("instance_norm", x, True, (3, 3), dtype, scale=scale)
 
 
