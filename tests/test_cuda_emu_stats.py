@@ -282,7 +282,7 @@ def test_resident_waves_auto_rule_follows_l2(device, monkeypatch):
     """"l2": as few waves as keep one wave's streamed rows within 3/4 of L2. With a 64 KiB L2
     the 4 x 16 x 32 x 16 float32 gradient (4 images of 64 KiB of x and dy, each on one CTA
     that keeps ~52 of them) takes two (4 images stream ~50 KiB, 2 ~25 KiB); with the H100's
-    50 MiB, one. Unset, the knob means one wave."""
+    50 MiB, one. Unset, the knob means the rule."""
     shape = (4, 16, 32, 16)
     monkeypatch.setenv("JAXMPS_CUDA_RESIDENT_WAVES", "l2")
     device(COOPERATIVE)
@@ -292,4 +292,6 @@ def test_resident_waves_auto_rule_follows_l2(device, monkeypatch):
     x = _image(shape, "float32", True, seed=15) * 2.0 + 5.0
     _compare("instance_norm", x, True, (3, 3), "float32", scale=2.0)
     monkeypatch.delenv("JAXMPS_CUDA_RESIDENT_WAVES")
+    assert _waves(shape, "float32", True) == 2
+    monkeypatch.setenv("JAXMPS_CUDA_RESIDENT_WAVES", "1")
     assert _waves(shape, "float32", True) == 1

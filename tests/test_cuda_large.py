@@ -18,6 +18,7 @@ from conftest import FFI_PLATFORM, tolerance
 from jaxmps._src import ffi
 from jaxmps._src import norm_kernels as k
 from jaxmps._src.samples import ALL_OPS, kernel_calls
+from test_norm_native import resident_waves
 
 # 2 x 16384 x 16385 x 4 = 2_147_614_720 > 2^31 elements; the second image starts past 2^30
 # and its last elements past 2^31. bfloat16 keeps one tensor at 4.3 GB.
@@ -117,11 +118,12 @@ def test_results_are_bitwise_repeatable(op):
 def test_issue_shape_takes_the_resident_path():
     """At N=32, 64x64, C=128 NHWC (issue 4) instance and batch norm, forward and gradient,
     float32 and bfloat16, run the resident path (jaxmps_cuda_stats_plan = 3) with every SM
-    holding one CTA: batch norm spreads its one group over all of them, instance norm gives
-    each of its 32 images SMs // 32 CTAs."""
+    holding one CTA: batch norm spreads its one group over all of them; instance norm runs
+    its 32 images in waves (the L2 rule) and gives each image of a wave SMs // (images per
+    wave) CTAs."""
     lib = ctypes.cdll.LoadLibrary(str(ffi._library_path("jaxmps_cuda")))
     sms = getattr(jax.devices()[0], "core_count", None)  # the SM count, where jaxlib has it
-    for per_image, expected in ((0, sms), (1, sms // 32 if sms else None)):
+    for per_image in (0, 1):
         for itemsize in (4, 2):
             for gradient in (0, 1):
                 ctas = ctypes.c_int(0)
@@ -129,4 +131,8 @@ def test_issue_shape_takes_the_resident_path():
                     ctypes.c_int64(32), ctypes.c_int64(64), ctypes.c_int64(64),
                     ctypes.c_int64(128), 1, per_image, itemsize, gradient, ctypes.byref(ctas))
                 assert path == 3, (per_image, itemsize, gradient)
+                dtype = "float32" if itemsize == 4 else "bfloat16"
+                waves = resident_waves(lib, (32, 64, 64, 128), dtype, gradient, per_image)
+                assert 1 <= waves <= (8 if per_image else 1), waves
+                expected = sms // -(-32 // waves) if per_image and sms else sms
                 assert ctas.value == (expected or ctas.value) and ctas.value >= 1, ctas.value

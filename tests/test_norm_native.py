@@ -203,9 +203,10 @@ def resident_waves(lib, nhwc, dtype, gradient, per_image=True):
 
 # CUDA's resident statistics path runs instance norm's images in waves inside one cooperative
 # launch (xla_ffi/cuda/resident_stats.cuh); the small images above take one. At the benchmark
-# shape the float32 gradient takes several by the L2 rule (JAXMPS_CUDA_RESIDENT_WAVES=l2):
-# native against the reference there, on CUDA also with one and three waves forced (the plan
-# says how many ran). Other backends have no waves and run the shape once.
+# shape the float32 gradient takes several by the L2 rule (the default, or
+# JAXMPS_CUDA_RESIDENT_WAVES=l2): native against the reference there, on CUDA also with one and
+# three waves forced (the plan says how many ran). Other backends have no waves and run the
+# shape once.
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_instance_norm_in_resident_waves(monkeypatch, dtype):
     shape = (32, 64, 64, 128)
@@ -221,6 +222,11 @@ def test_instance_norm_in_resident_waves(monkeypatch, dtype):
         if cuda is not None and knob != "l2":
             assert resident_waves(cuda, shape, dtype, gradient=True) == int(knob)
         _compare("instance_norm", x, True, (3, 3), dtype, scale=scale)
+    if cuda is not None:  # unset means the rule
+        monkeypatch.setenv("JAXMPS_CUDA_RESIDENT_WAVES", "l2")
+        rule = resident_waves(cuda, shape, dtype, gradient=True)
+        monkeypatch.delenv("JAXMPS_CUDA_RESIDENT_WAVES")
+        assert resident_waves(cuda, shape, dtype, gradient=True) == rule
 
 
 @pytest.mark.parametrize("op", ALL_OPS)

@@ -325,20 +325,21 @@ int64_t ResidentCapacity(const DeviceLimits& limits, int64_t smem) {
   return it->second;
 }
 
-// Waves of the resident path: JAXMPS_CUDA_RESIDENT_WAVES=l2 takes the L2 rule of PlanResident,
-// =1..kResidentMaxWaves fixes the count; unset: one wave. The rule was measured faster (below)
-// but its results have not yet been checked natively on a GPU (the emulator's tests pass;
-// tests/test_norm_native.py::test_instance_norm_in_resident_waves is that check): it becomes
-// the default once they have. Measured on an H100 (N=32, 64x64, C=128, NHWC; benchmarks/gpu/sweep_waves.json):
-// float32 instance norm forward+backward 0.197 ms in one wave, 0.189 by the rule, 0.188 /
-// 0.189 / 0.199 in 2 / 3 / 4; bfloat16 0.106 in one wave and by the rule, 0.112 / 0.133 /
-// 0.156 in 2 / 3 / 4.
+// Waves of the resident path: by the L2 rule of PlanResident (unset, or
+// JAXMPS_CUDA_RESIDENT_WAVES=l2 or any value other than a count), or =1..kResidentMaxWaves a
+// fixed count (returned; 0 means the rule). Measured on an H100 in two sweeps (N=32, 64x64,
+// C=128, NHWC, instance norm forward+backward; benchmarks/gpu/sweep_waves.json /
+// sweep_prefetch_h100.json): float32 0.197 / 0.191 ms in one wave, 0.189 / 0.188 by the rule
+// (forward 2 waves, gradient 3; DRAM read by the gradient 215 -> 164 MB), 0.188 / 0.189 / 0.199
+// in 2 / 3 / 4 (first sweep); bfloat16 0.106 / 0.107 in one wave, 0.106 / 0.109 by the rule
+// (forward 1, gradient 2), 0.112 / 0.133 / 0.156 in 2 / 3 / 4. Natively checked against the
+// reference by tests/test_norm_native.py::test_instance_norm_in_resident_waves.
 constexpr int64_t kResidentMaxWaves = 8;
 inline int64_t ResidentWavesKnob() {
   const std::string_view v = Knob("JAXMPS_CUDA_RESIDENT_WAVES");
-  if (v == "l2") return 0;
-  const int64_t n = v.empty() ? 1 : std::atoi(v.data());  // getenv's string: terminated
-  return n >= 1 && n <= kResidentMaxWaves ? n : 1;
+  if (v.empty() || v == "l2") return 0;
+  const int64_t n = std::atoi(v.data());  // getenv's string: terminated
+  return n >= 1 && n <= kResidentMaxWaves ? n : 0;
 }
 // The L2 rule's share of L2 that one wave's streamed rows may take (the rest holds what the
 // kernel writes meanwhile, and other data).
