@@ -101,7 +101,7 @@ def main():
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(device=str(jax.devices()[0].device_kind), shape=SHAPE,
-                           bandwidth_Bps=bandwidth, results=results), fh, indent=1)
+                           bandwidth_Bps=bandwidth, runs=results), fh, indent=1)
 
 
 if __name__ == "__main__":

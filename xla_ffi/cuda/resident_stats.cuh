@@ -327,13 +327,14 @@ int64_t ResidentCapacity(const DeviceLimits& limits, int64_t smem) {
 
 // Waves of the resident path: by the L2 rule of PlanResident (unset, or
 // JAXMPS_CUDA_RESIDENT_WAVES=l2 or any value other than a count), or =1..kResidentMaxWaves a
-// fixed count (returned; 0 means the rule). Measured on an H100 in two sweeps (N=32, 64x64,
-// C=128, NHWC, instance norm forward+backward; benchmarks/gpu/sweep_waves.json /
-// sweep_prefetch_h100.json): float32 0.197 / 0.191 ms in one wave, 0.189 / 0.188 by the rule
-// (forward 2 waves, gradient 3; DRAM read by the gradient 215 -> 164 MB), 0.188 / 0.189 / 0.199
-// in 2 / 3 / 4 (first sweep); bfloat16 0.106 / 0.107 in one wave, 0.106 / 0.109 by the rule
-// (forward 1, gradient 2), 0.112 / 0.133 / 0.156 in 2 / 3 / 4. Natively checked against the
-// reference by tests/test_norm_native.py::test_instance_norm_in_resident_waves.
+// fixed count (returned; 0 means the rule). At N=32, 64x64, C=128 NHWC on an H100 the rule
+// gives instance norm's forward one wave and its gradient two, in both dtypes. Measured there
+// in two sweeps, forward+backward ms (benchmarks/gpu/sweep_waves.json / sweep_prefetch_h100.json):
+// float32 0.197 / 0.191 in one wave, 0.189 / 0.188 by the rule, 0.188 / 0.189 / 0.199 in
+// 2 / 3 / 4 (first sweep); bfloat16 0.106 / 0.107, 0.106 / 0.109, 0.112 / 0.133 / 0.156. Nsight
+// Compute: the float32 gradient in two waves reads 164 MB of DRAM instead of 215 (98 us
+// instead of 104). Natively checked against the reference by
+// tests/test_norm_native.py::test_instance_norm_in_resident_waves.
 constexpr int64_t kResidentMaxWaves = 8;
 inline int64_t ResidentWavesKnob() {
   const std::string_view v = Knob("JAXMPS_CUDA_RESIDENT_WAVES");
