@@ -194,6 +194,25 @@ def test_resident_path_matches_reference(device, case):
     _compare(op, x, True, (3, 3), dtype, scale=2.0 if dtype == "float32" else 1.0)
 
 
+@pytest.mark.parametrize("batches", ["3", "8"])
+@pytest.mark.parametrize("shape, dtype, op", [
+    ((8, 16, 16, 32), "float32", "batch_norm"),  # 6-7 kept rows per thread forward, 3-4 gradient
+    ((2, 48, 48, 16), "bfloat16", "instance_norm"),
+])
+def test_resident_kept_rows_in_batches(device, monkeypatch, batches, shape, dtype, op):
+    """JAXMPS_CUDA_RESIDENT_BATCHES: the kept rows copied in that many commit groups, each
+    summed once it has landed (the emulator lands a group only when a wait allows it): the
+    same bits as one group, and the reference."""
+    device(COOPERATIVE)
+    assert _plan(shape, True, dtype, True, op == "instance_norm")[0] == RESIDENT
+    x = _image(shape, dtype, True, seed=17) * 2.0 + 5.0
+    whole = _outputs(op, x, True)
+    monkeypatch.setenv("JAXMPS_CUDA_RESIDENT_BATCHES", batches)
+    for a, b in zip(whole, _outputs(op, x, True)):
+        assert a.tobytes() == b.tobytes()
+    _compare(op, x, True, (3, 3), dtype, scale=2.0 if dtype == "float32" else 1.0)
+
+
 def test_resident_path_is_bitwise_repeatable_and_knob_selects_paths(device, monkeypatch):
     device(COOPERATIVE)
     shape = (8, 16, 16, 32)

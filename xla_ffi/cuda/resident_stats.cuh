@@ -155,7 +155,6 @@ __global__ void __launch_bounds__(kResidentThreads, 1)
         rstd[e] = RstdOf(gp, k);
       } else {
         ref[e] = ToAcc(x[base + e]);  // shift: row 0 of the group (see PartialKernel)
-        rstd[e] = A(1);
       }
     }
     A acc[2][V] = {};
@@ -190,14 +189,27 @@ __global__ void __launch_bounds__(kResidentThreads, 1)
         // so they should not take L2 space from the streamed rows (measured on an H200 at N=32,
         // 64x64, C=128: DRAM bytes unchanged within 1%, L2 already kept what it could; the hint
         // states the intent and costs nothing).
+        // With p.kept_batches > 1 the kept rows are copied in that many commit groups and each
+        // is summed as soon as it has landed, so that the sums of the first overlap the copies
+        // of the last instead of all waiting for the whole tile. The rows are added in the same
+        // order either way (the same bits).
         constexpr L2Policy kOnce = L2Policy::kEvictFirst;
-        for (int64_t m = 0, r = rs + phase; m < kept; ++m, r += step) {
-          CopyToSharedAsync<kOnce, T, V>(&tile_at(r, 0), x + base + r * c);
-          if constexpr (kGrad) CopyToSharedAsync<kOnce, T, V>(&tile_at(r, 1), dy + base + r * c);
+        const int batches = p.kept_batches;
+        auto batch_begin = [&](int j) { return kept * j / batches; };
+        for (int j = 0; j < batches; ++j) {
+          for (int64_t m = batch_begin(j); m < batch_begin(j + 1); ++m) {
+            const int64_t r = rs + phase + m * step;
+            CopyToSharedAsync<kOnce, T, V>(&tile_at(r, 0), x + base + r * c);
+            if constexpr (kGrad) CopyToSharedAsync<kOnce, T, V>(&tile_at(r, 1), dy + base + r * c);
+          }
+          CommitCopiesToShared();
         }
         SweepRows(r0 + phase, RowsBelow(r0 + phase, rs, step), step, load_global, add);
-        WaitAllCopiesToShared();
-        SweepRows(rs + phase, kept, step, load_kept, add);
+        for (int j = 0; j < batches; ++j) {
+          WaitCopiesToShared(batches - 1 - j);  // batch j has landed (groups land in order)
+          SweepRows(rs + phase + batch_begin(j) * step, batch_begin(j + 1) - batch_begin(j), step,
+                    load_kept, add);
+        }
       }
 
       // CTA totals: a fixed pairwise tree over the row phases (log2(step) roundings deep: a
@@ -342,6 +354,16 @@ inline int64_t ResidentWavesKnob() {
   const int64_t n = std::atoi(v.data());  // getenv's string: terminated
   return n >= 1 && n <= kResidentMaxWaves ? n : 0;
 }
+// Commit groups of the kept-row copies, each summed once it has landed
+// (StatsPlan::kept_batches): JAXMPS_CUDA_RESIDENT_BATCHES=2..kResidentMaxBatches; unset or
+// anything else: 1, the whole tile waited for at once. A benchmarking knob, not yet measured
+// on a GPU (scripts/gpu_knob_sweep.py --knob JAXMPS_CUDA_RESIDENT_BATCHES=1,2,4,8).
+constexpr int kResidentMaxBatches = 8;  // cp.async.wait_group takes 0..7
+inline int ResidentBatchesKnob() {
+  const std::string_view v = Knob("JAXMPS_CUDA_RESIDENT_BATCHES");
+  const int n = v.empty() ? 1 : std::atoi(v.data());  // getenv's string: terminated
+  return n >= 1 && n <= kResidentMaxBatches ? n : 1;
+}
 // The L2 rule's share of L2 that one wave's streamed rows may take (the rest holds what the
 // kernel writes meanwhile, and other data).
 constexpr double kResidentL2Share = 0.75;
@@ -409,6 +431,7 @@ bool PlanResident(const StatsPlan& base, int vec, const DeviceLimits& limits, St
   } else {
     (void)shape(CeilDiv(p.groups, std::min(waves, p.groups)), &p);
   }
+  p.kept_batches = ResidentBatchesKnob();
   *out = p;
   return true;
 }

@@ -73,6 +73,7 @@ struct StatsPlan {
   int64_t group_begin = 0, group_end = 0;
   int64_t slice_groups = 0;
   int64_t resident_rows = 0;    // resident path: rows each CTA keeps in shared memory
+  int kept_batches = 1;         // resident path: commit groups of those rows' copies
 
   __host__ __device__ bool on_chip() const { return path != StatsPath::kChunked; }
   __host__ __device__ int width() const { return lanes * vec; }   // channel slots reduced per CTA
