@@ -103,6 +103,9 @@ __host__ __device__ constexpr int PlannedStreamDepth(int bytes) {
   return depth < 2 ? 2 : depth > kStreamMaxDepth ? kStreamMaxDepth : depth;
 }
 
+// Rows in flight of the compiled-window kernels' fixed rings (window height k: k slots).
+__host__ __device__ constexpr int FixedStreamDepth(int k) { return k - 1; }
+
 // kSlots > 0 (the compiled-window kernels, kSlots = the window height K): a ring of K slots
 // with K - 1 rows in flight, so that the kernel's row loop, unrolled by K, names every slot
 // and the wait count at compile time: no ring indices, wrap-arounds or runtime wait (sm_90
@@ -120,7 +123,8 @@ struct AsyncRowPipe : RowWalk<T, NR> {
   __device__ void Init(unsigned char* shared, int threads_, int depth_, int64_t stride,
                        bool live_) {
     ring = reinterpret_cast<TV*>(shared);
-    threads = threads_, depth = kSlots > 0 ? kSlots - 1 : depth_, W::row_stride = stride,
+    threads = threads_, depth = kSlots > 0 ? FixedStreamDepth(kSlots) : depth_,
+    W::row_stride = stride,
     W::live = live_;
   }
   __device__ TV& Slot(int i, int a) { return ring[(i * NR + a) * threads + int(threadIdx.x)]; }
@@ -232,18 +236,16 @@ inline int64_t RowPipeSharedBytes(int vector_bytes, int arrays, int depth, int t
 // within 3% of each other; going from one row in flight to two is what mattered (bfloat16
 // spatial forward+backward 0.366 -> 0.299 ms). JAXMPS_CUDA_STREAM_DEPTH=1..8 overrides it.
 inline int StreamDepth(int bytes_per_row) {
-  if (const char* knob = std::getenv("JAXMPS_CUDA_STREAM_DEPTH")) {
-    const int v = std::atoi(knob);
-    if (v >= 1 && v <= kStreamMaxDepth) return v;
-  }
-  return PlannedStreamDepth(bytes_per_row);
+  const std::string_view knob = Knob("JAXMPS_CUDA_STREAM_DEPTH");
+  const int v = knob.empty() ? 0 : std::atoi(knob.data());  // getenv's string: terminated
+  return v >= 1 && v <= kStreamMaxDepth ? v : PlannedStreamDepth(bytes_per_row);
 }
 
 // JAXMPS_CUDA_STREAM_LANES=1|2|4|8|16: lanes (vectors) per CTA of the NHWC streaming kernels,
 // for benchmarks (see PlanStreamWindow); 0 = the planner's choice.
 inline int StreamLanesKnob() {
-  const char* knob = std::getenv("JAXMPS_CUDA_STREAM_LANES");
-  const int v = knob ? std::atoi(knob) : 0;
+  const std::string_view knob = Knob("JAXMPS_CUDA_STREAM_LANES");
+  const int v = knob.empty() ? 0 : std::atoi(knob.data());  // getenv's string: terminated
   return v == 1 || v == 2 || v == 4 || v == 8 || v == 16 ? v : 0;
 }
 
@@ -265,9 +267,6 @@ template <typename T, typename A, int VW, int NR, int K, bool kFixed>
 using RowPipe = std::conditional_t<(int(sizeof(T)) * VW >= kAsyncCopyMinBytes),
                                    AsyncRowPipe<T, A, VW, NR, kFixed ? K : 0>,
                                    RegisterRowPipe<T, A, VW, NR, K>>;
-
-// Rows in flight of the compiled-window kernels' fixed rings (window height k).
-inline int FixedStreamDepth(int k) { return k - 1; }
 
 // Arrays a streaming kernel reads row by row: x, and dy for the gradient.
 template <bool kGrad>
