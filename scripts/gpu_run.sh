@@ -21,7 +21,9 @@
 #                  JAXMPS_CUDA_STREAM_LANES, lanes per CTA; JAXMPS_CUDA_COMPILED_BETA,
 #                  0 = no compiled beta forms; JAXMPS_CUDA_STREAM_BALANCED, 0 = full-width
 #                  strips; JAXMPS_CUDA_STREAM_GRAD_VW, 2 = two-lane spatial gradient;
-#                  JAXMPS_CUDA_RESIDENT_WAVES, 1..8 or l2, with SWEEP_OPS=instance_norm) unset
+#                  JAXMPS_CUDA_RESIDENT_WAVES, 1..8 or l2, with SWEEP_OPS=instance_norm;
+#                  JAXMPS_CUDA_RESIDENT_BATCHES, 1..8, with SWEEP_OPS="instance_norm
+#                  batch_norm"; scripts/gpu_knob_sweep.py sweeps in one process) unset
 #                  (auto) and at each of SWEEP_VALUES (default 1 2 4 8)
 # Writes: env.txt, build.log (tail), selfcheck.json, pytest.log, bench.json, bench.log
 # (sweep: sweep_<knob>_<value>.json/.log).
