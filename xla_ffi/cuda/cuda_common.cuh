@@ -203,6 +203,11 @@ inline std::string_view Knob(const char* name) {
   const char* value = std::getenv(name);
   return value == nullptr ? std::string_view() : std::string_view(value);
 }
+// Knob `name` read as an integer (atoi); 0 when unset or not a number. Callers check the range.
+inline int IntKnob(const char* name) {
+  const std::string_view v = Knob(name);
+  return v.empty() ? 0 : std::atoi(v.data());  // getenv's string: terminated
+}
 
 // Whether a window launch takes its policy's compiled beta form (Policy::Compiled: beta is the
 // op's MPS default). JAXMPS_CUDA_COMPILED_BETA=0 turns the compiled kernels off, so that a

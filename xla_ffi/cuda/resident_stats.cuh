@@ -349,9 +349,7 @@ int64_t ResidentCapacity(const DeviceLimits& limits, int64_t smem) {
 // tests/test_norm_native.py::test_instance_norm_in_resident_waves.
 constexpr int64_t kResidentMaxWaves = 8;
 inline int64_t ResidentWavesKnob() {
-  const std::string_view v = Knob("JAXMPS_CUDA_RESIDENT_WAVES");
-  if (v.empty() || v == "l2") return 0;
-  const int64_t n = std::atoi(v.data());  // getenv's string: terminated
+  const int64_t n = IntKnob("JAXMPS_CUDA_RESIDENT_WAVES");  // "l2" or unset: 0
   return n >= 1 && n <= kResidentMaxWaves ? n : 0;
 }
 // Commit groups of the kept-row copies, each summed once it has landed
@@ -360,8 +358,7 @@ inline int64_t ResidentWavesKnob() {
 // on a GPU (scripts/gpu_knob_sweep.py --knob JAXMPS_CUDA_RESIDENT_BATCHES=1,2,4,8).
 constexpr int kResidentMaxBatches = 8;  // cp.async.wait_group takes 0..7
 inline int ResidentBatchesKnob() {
-  const std::string_view v = Knob("JAXMPS_CUDA_RESIDENT_BATCHES");
-  const int n = v.empty() ? 1 : std::atoi(v.data());  // getenv's string: terminated
+  const int n = IntKnob("JAXMPS_CUDA_RESIDENT_BATCHES");
   return n >= 1 && n <= kResidentMaxBatches ? n : 1;
 }
 // The L2 rule's share of L2 that one wave's streamed rows may take (the rest holds what the

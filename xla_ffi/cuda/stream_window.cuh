@@ -236,16 +236,14 @@ inline int64_t RowPipeSharedBytes(int vector_bytes, int arrays, int depth, int t
 // within 3% of each other; going from one row in flight to two is what mattered (bfloat16
 // spatial forward+backward 0.366 -> 0.299 ms). JAXMPS_CUDA_STREAM_DEPTH=1..8 overrides it.
 inline int StreamDepth(int bytes_per_row) {
-  const std::string_view knob = Knob("JAXMPS_CUDA_STREAM_DEPTH");
-  const int v = knob.empty() ? 0 : std::atoi(knob.data());  // getenv's string: terminated
+  const int v = IntKnob("JAXMPS_CUDA_STREAM_DEPTH");
   return v >= 1 && v <= kStreamMaxDepth ? v : PlannedStreamDepth(bytes_per_row);
 }
 
 // JAXMPS_CUDA_STREAM_LANES=1|2|4|8|16: lanes (vectors) per CTA of the NHWC streaming kernels,
 // for benchmarks (see PlanStreamWindow); 0 = the planner's choice.
 inline int StreamLanesKnob() {
-  const std::string_view knob = Knob("JAXMPS_CUDA_STREAM_LANES");
-  const int v = knob.empty() ? 0 : std::atoi(knob.data());  // getenv's string: terminated
+  const int v = IntKnob("JAXMPS_CUDA_STREAM_LANES");
   return v == 1 || v == 2 || v == 4 || v == 8 || v == 16 ? v : 0;
 }
 
